@@ -1,0 +1,34 @@
+"""lmprog: program and serve language models.
+
+`import lmprog` stays light (no torch): the runtime names below load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LLM": "lmprog.runtime.engine.llm",
+    "SamplingParams": "lmprog.runtime.sampling.sampling_params",
+    "RequestOutput": "lmprog.runtime.engine.outputs",
+    "CompletionOutput": "lmprog.runtime.engine.outputs",
+    "RequestMetrics": "lmprog.runtime.engine.outputs",
+    "ServerArgs": "lmprog.runtime.server_args",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lmprog' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,220 @@
+"""The offline engine: `LLM(model=...).generate(prompts, SamplingParams(...))`.
+
+It steps the very same Scheduler the server runs, in-process, until every request it submitted
+has finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from lmprog.runtime.engine.outputs import (
+    CompletionOutput, Logprob, RequestMetrics, RequestOutput,
+)
+from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
+from lmprog.runtime.managers.schedule_batch import Req
+from lmprog.runtime.managers.scheduler import Scheduler
+from lmprog.runtime.sampling.sampling_params import SamplingParams
+from lmprog.runtime.server_args import DEFAULT_MODEL, ServerArgs
+
+PromptType = str | list[int] | dict[str, Any]
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """An offline engine over one model. Keywords are the server's flags (ServerArgs fields);
+    `model`, `tokenizer` and `tensor_parallel_size` are accepted under vLLM's names."""
+
+    def __init__(
+        self, model: str = DEFAULT_MODEL, *, tokenizer: str | None = None,
+        tensor_parallel_size: int = 1, **engine_args: Any,
+    ) -> None:
+        if tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size must be 1 (one device), got {tensor_parallel_size}"
+            )
+        self.server_args = ServerArgs.from_kwargs(
+            model_path=model, tokenizer_path=tokenizer, **engine_args
+        )
+        self.scheduler = Scheduler(self.server_args)
+        self.tokenizer = self.scheduler.tokenizer
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    # ---- public API -----------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt; results come back in input order."""
+        inputs = [self._tokenize(p) for p in _as_prompt_list(prompts)]
+        return self._run(inputs, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates replies to one conversation or a list of them through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        inputs = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template, **(chat_template_kwargs or {}),
+            )
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            inputs.append((text, ids))
+        return self._run(inputs, sampling_params, use_tqdm)
+
+    def get_kv_stats(self) -> dict[str, int]:
+        """KV accounting (total, free, evictable, protected slots; running/waiting requests)."""
+        return self.scheduler.kv_stats()
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    # ---- internals ------------------------------------------------------------------------
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+            raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}")
+        return None, [int(t) for t in prompt]
+
+    def _run(
+        self,
+        inputs: list[tuple[str | None, list[int]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        params = _per_prompt_params(sampling_params, len(inputs))
+        # Validate everything before enqueueing anything: a bad prompt leaves the engine idle.
+        for i, ((_, ids), p) in enumerate(zip(inputs, params)):
+            try:
+                self.scheduler.validate(ids, p)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}" if len(inputs) > 1 else str(e)) from None
+        rids = [f"offline-{next(self._ids)}" for _ in inputs]
+        now = time.time()
+        for rid, (text, ids), p in zip(rids, inputs, params):
+            self.scheduler.add_request(TokenizedGenerateReqInput(rid, ids, p, text, now))
+        try:
+            finished = self._drive(set(rids), use_tqdm)
+        except BaseException:
+            for rid in rids:
+                self.scheduler.abort_request(rid)
+            while self.scheduler.has_work():
+                self.scheduler.step()
+            raise
+        return [_request_output(rid, finished[rid], self.tokenizer) for rid in rids]
+
+    def _drive(self, rids: set[str], use_tqdm: bool) -> dict[str, list[Req]]:
+        """Steps the scheduler until every sequence of `rids` finished; groups them by rid."""
+        expected = {}
+        finished: dict[str, list[Req]] = {rid: [] for rid in rids}
+        for req in self.scheduler.waiting:
+            if req.rid in rids:
+                expected[req.rid] = req.sampling_params.n
+        bar = _progress(len(rids)) if use_tqdm else None
+        start, n_out, done = time.perf_counter(), 0, 0
+        while done < len(rids):
+            for req in self.scheduler.step():
+                if req.rid not in rids:
+                    continue
+                n_out += 1
+                if req.finished:
+                    finished[req.rid].append(req)
+                    if len(finished[req.rid]) == expected[req.rid]:
+                        done += 1
+                        if bar is not None:
+                            bar.update(1)
+            if bar is not None:
+                bar.set_postfix_str(f"output {n_out / (time.perf_counter() - start):.1f} tok/s",
+                                    refresh=False)
+        if bar is not None:
+            bar.close()
+        return finished
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _per_prompt_params(
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    params = list(sampling_params)
+    if len(params) != n:
+        raise ValueError(
+            f"sampling_params has {len(params)} entries; it must be one, or one per prompt ({n})"
+        )
+    return params
+
+
+def _progress(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+
+
+def _completion(req: Req, tokenizer: Any) -> CompletionOutput:
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = []
+        for token, (chosen, top) in zip(req.output_ids, req.logprobs):
+            entry = {tid: Logprob(lp, rank, tokenizer.decode([tid]))
+                     for rank, (tid, lp) in enumerate(top.items(), start=1)}
+            if token not in entry:
+                entry[token] = Logprob(chosen, None, tokenizer.decode([token]))
+            logprobs.append(entry)
+    reason = req.finished_reason
+    return CompletionOutput(
+        index=req.index, text=req.output_text.text, token_ids=list(req.output_ids),
+        cumulative_logprob=req.cumulative_logprob, logprobs=logprobs,
+        finish_reason=reason.kind if reason else None,
+        stop_reason=reason.matched if reason else None,
+    )
+
+
+def _request_output(rid: str, seqs: list[Req], tokenizer: Any) -> RequestOutput:
+    seqs = sorted(seqs, key=lambda r: r.index)
+    first = seqs[0]
+    t = first.times
+    metrics = RequestMetrics(
+        arrival_time=t.arrival, first_scheduled_time=t.first_scheduled,
+        first_token_time=min((s.times.first_token for s in seqs if s.times.first_token), default=None),
+        last_token_time=max((s.times.last_token for s in seqs if s.times.last_token), default=None),
+        finished_time=max(s.times.finished for s in seqs if s.times.finished),
+    )
+    errors = [s.finished_reason.message for s in seqs if s.finished_reason and s.finished_reason.message]
+    return RequestOutput(
+        request_id=rid, prompt=first.input_text, prompt_token_ids=list(first.origin_input_ids),
+        outputs=[_completion(s, tokenizer) for s in seqs], finished=True,
+        num_cached_tokens=first.num_cached_tokens, metrics=metrics,
+        error=errors[0] if errors else None,
+    )

@@ -1,0 +1,43 @@
+"""Final step of a causal LM: hidden states -> float32 vocabulary logits, for the rows needed.
+
+Which rows: `forward_batch.logits_indices` when set (tests, input logprobs), otherwise the last
+new token of each request (all that sampling needs). Projecting only those rows matters: the
+vocabulary projection is the largest matmul of a small model (SmolLM2: 49152 x 576).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmprog.runtime.model_executor.forward_batch import ForwardBatch
+
+
+def logits_rows(forward_batch: ForwardBatch) -> torch.Tensor:
+    """Indices into the step's flattened tokens [T] of the rows that get logits."""
+    if forward_batch.logits_indices is not None:
+        return forward_batch.logits_indices
+    return forward_batch.last_token_indices()
+
+
+class LogitsProcessor(nn.Module):
+    """Selects rows, projects with the LM head weight ([vocab, hidden]; the embedding when tied).
+
+    Output: float32 [rows, vocab_size]. A padded vocabulary (checkpoints that round the
+    embedding up to a multiple of 64/128) is cut back to `vocab_size`.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(
+        self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
+        # The gather costs rows x hidden floats: noise next to the [rows, vocab] matmul.
+        hidden = hidden[logits_rows(forward_batch)]
+        logits = F.linear(hidden, lm_head_weight)
+        if logits.shape[-1] != self.vocab_size:
+            logits = logits[:, : self.vocab_size]
+        return logits.float()

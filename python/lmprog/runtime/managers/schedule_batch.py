@@ -1,0 +1,141 @@
+"""A request's state in the scheduler (`Req`) and turning a list of them into one step.
+
+Token bookkeeping of a running request:
+
+    fill_ids = prompt + output          (output[-1] was just sampled and has no KV yet)
+    kv_len   = tokens whose KV is in the pool = len(fill_ids) - 1 while decoding
+    prefix_indices = KV slots of fill_ids[:len(prefix_indices)], owned by the prefix cache
+    req_to_token[req_pool_idx, :kv_len] = the KV slots of fill_ids[:kv_len]
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmprog.runtime.managers.io_struct import FinishReason
+from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
+from lmprog.runtime.sampling.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lmprog.runtime.managers.detokenizer import OutputText
+    from lmprog.runtime.mem_cache.allocator import TokenToKVPoolAllocator
+    from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool
+
+
+@dataclass
+class ReqTimes:
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass(eq=False)
+class Req:
+    """One output sequence being generated (a prompt with `n` > 1 forks into `n` of these)."""
+
+    rid: str
+    origin_input_ids: list[int]
+    sampling_params: SamplingParams
+    seed: int  # 64-bit; the sampler's stream for this sequence
+    max_new_tokens: int  # max_tokens, clipped to the context
+    output_text: OutputText
+    eos_token_ids: frozenset[int]
+    input_text: str | None = None
+    index: int = 0  # which of the n continuations
+    output_ids: list[int] = field(default_factory=list)
+    req_pool_idx: int | None = None
+    prefix_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    last_node: Any = None
+    kv_len: int = 0
+    num_cached_tokens: int = 0
+    finished_reason: FinishReason | None = None
+    cumulative_logprob: float | None = None
+    # Per generated token: (chosen logprob, {token_id: logprob} of the top-k), when asked.
+    logprobs: list[tuple[float, dict[int, float]]] | None = None
+    times: ReqTimes = field(default_factory=lambda: ReqTimes(time.time()))
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV slots this request may still need until it ends (the admission reservation)."""
+        return len(self.origin_input_ids) + self.max_new_tokens - self.kv_len
+
+    def append_token(self, token_id: int, context_len: int) -> None:
+        """Records a sampled token and decides whether the sequence is finished."""
+        now = time.time()
+        if self.times.first_token is None:
+            self.times.first_token = now
+        self.times.last_token = now
+        self.output_ids.append(token_id)
+        params = self.sampling_params
+        n_out = len(self.output_ids)
+        hit_eos = token_id in self.eos_token_ids and not params.ignore_eos
+        hit_stop_id = token_id in (params.stop_token_ids or ())
+        if (hit_eos or hit_stop_id) and n_out > params.min_tokens:
+            self.finished_reason = FinishReason("stop", None if hit_eos else token_id)
+            return
+        matched = self.output_text.append([token_id])
+        if matched is not None and n_out >= params.min_tokens:
+            self.finished_reason = FinishReason("stop", matched)
+        elif n_out >= self.max_new_tokens or len(self.origin_input_ids) + n_out >= context_len:
+            self.finished_reason = FinishReason("length")
+
+    def finish(self, reason: FinishReason) -> None:
+        self.finished_reason = reason
+
+    def fork(self, index: int, seed: int, output_text: OutputText) -> Req:
+        """A sibling continuation of the same prompt (shares nothing mutable with self)."""
+        return Req(
+            rid=self.rid, origin_input_ids=self.origin_input_ids,
+            sampling_params=self.sampling_params, seed=seed, max_new_tokens=self.max_new_tokens,
+            output_text=output_text, eos_token_ids=self.eos_token_ids,
+            input_text=self.input_text, index=index, num_cached_tokens=self.num_cached_tokens,
+            times=ReqTimes(self.times.arrival, self.times.first_scheduled),
+        )
+
+
+def build_forward_batch(
+    mode: ForwardMode,
+    reqs: list[Req],
+    req_to_token_pool: ReqToTokenPool,
+    allocator: TokenToKVPoolAllocator,
+    device: torch.device,
+) -> ForwardBatch | None:
+    """Allocates KV for the new tokens of `reqs` and records it; None if the pool is too full.
+
+    Extend computes fill_ids[kv_len:] of each request; decode computes its last sampled token.
+    On success every request's `kv_len` covers the new tokens.
+    """
+    prefix_lens = [r.kv_len for r in reqs]
+    seq_lens = [len(r.fill_ids) for r in reqs]
+    if mode.is_decode:
+        assert all(s == p + 1 for p, s in zip(prefix_lens, seq_lens)), "decode of a stale req"
+    row = req_to_token_pool.req_to_token
+    last_locs = [int(row[r.req_pool_idx, r.kv_len - 1]) if r.kv_len else 0 for r in reqs]
+    out_cache_loc = allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
+    if out_cache_loc is None:
+        return None
+    input_ids: list[int] = []
+    start = 0
+    for r, p, s in zip(reqs, prefix_lens, seq_lens):
+        input_ids.extend(r.fill_ids[p:s])
+        req_to_token_pool.write(r.req_pool_idx, p, out_cache_loc[start : start + s - p])
+        start += s - p
+        r.kv_len = s
+    return ForwardBatch.build(
+        mode, input_ids, [r.req_pool_idx for r in reqs], prefix_lens,
+        [s - p for p, s in zip(prefix_lens, seq_lens)], out_cache_loc, device,
+    )

@@ -1,0 +1,46 @@
+"""Checks of a request against the model and the engine, shared by every front end.
+
+Each failure is a ValueError naming the field, the value and the limit; nothing is enqueued.
+"""
+
+from __future__ import annotations
+
+from lmprog.runtime.managers.schedule_policy import kv_need
+from lmprog.runtime.sampling.sampling_params import SamplingParams
+
+
+def validate_request(
+    input_ids: list[int],
+    params: SamplingParams,
+    vocab_size: int,
+    context_len: int,
+    max_total_tokens: int,
+    page_size: int,
+    max_logprobs: int,
+) -> int:
+    """Validates a tokenized request; returns its max new tokens (max_tokens clipped to the
+    context)."""
+    if not input_ids:
+        raise ValueError("prompt is empty: it must have at least 1 token")
+    bad = next(((i, t) for i, t in enumerate(input_ids) if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(
+            f"prompt token id {bad[1]} at position {bad[0]} is outside the vocabulary "
+            f"[0, {vocab_size})"
+        )
+    n_prompt = len(input_ids)
+    if n_prompt >= context_len:
+        raise ValueError(
+            f"prompt has {n_prompt} tokens; the model's context is {context_len} tokens "
+            "(max_model_len), which must also leave room for at least 1 output token"
+        )
+    params.validate_for_model(vocab_size, max_logprobs)
+    room = context_len - n_prompt
+    max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+    need = kv_need(n_prompt, 0, params.n, max_new, page_size)
+    if need > max_total_tokens:
+        raise ValueError(
+            f"request needs up to {need} KV slots (prompt {n_prompt} + n={params.n} x "
+            f"{max_new} new tokens); the KV pool holds {max_total_tokens} (max_total_tokens)"
+        )
+    return max_new

@@ -1,0 +1,106 @@
+"""ModelRunner: loads the model, sizes and owns the KV pools, runs one forward per step."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from lmprog.runtime.layers.attention import create_attention_backend
+from lmprog.runtime.mem_cache.allocator import TokenToKVPoolAllocator
+from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPool
+from lmprog.runtime.model_executor.forward_batch import ForwardBatch
+from lmprog.runtime.model_loader import LoadedModel, load_model
+from lmprog.runtime.models.registry import get_model_class
+from lmprog.runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+def kv_shape(config: object) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a decoder config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+class ModelRunner:
+    def __init__(self, server_args: ServerArgs, loaded: LoadedModel | None = None) -> None:
+        self.server_args = server_args
+        self.device = torch.device(server_args.resolved_device)
+        self.dtype = server_args.torch_dtype
+        if self.device.type == "cpu":
+            torch.set_num_threads(server_args.num_threads)
+        t0 = time.perf_counter()
+        self.loaded = loaded or load_model(server_args.model_path, self.dtype)
+        self.config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.model = self._build_model()
+        self.load_seconds = time.perf_counter() - t0
+        self.context_len = self._context_len()
+        self.vocab_size = int(self.config.vocab_size)
+        self._init_pools()
+        self.attn_backend = create_attention_backend(server_args.attention_backend)
+        logger.info(
+            "loaded %s in %.1fs: context %d, KV pool %d tokens",
+            server_args.model_path, self.load_seconds, self.context_len, self.max_total_tokens,
+        )
+
+    def _build_model(self) -> torch.nn.Module:
+        cls = get_model_class(list(getattr(self.config, "architectures", None) or []))
+        with torch.device(self.device):
+            model = cls(self.config)
+        model = model.to(dtype=self.dtype)
+        model.load_weights(self.loaded.weights())
+        return model.eval()
+
+    def _context_len(self) -> int:
+        native = int(getattr(self.config, "max_position_embeddings", 0) or 0)
+        wanted = self.server_args.max_model_len
+        if wanted is None:
+            if not native:
+                raise ValueError("the model config has no max_position_embeddings: set max_model_len")
+            return native
+        return wanted
+
+    def _pool_tokens(self, bytes_per_token: int) -> int:
+        args = self.server_args
+        if args.max_total_tokens is not None:
+            return args.max_total_tokens
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - total * (1 - args.mem_fraction_static)
+        else:
+            budget = args.kv_cache_bytes
+        tokens = int(budget // bytes_per_token)
+        if tokens < args.page_size * 2:
+            raise ValueError(
+                f"KV budget of {int(budget)} bytes holds {tokens} tokens at {bytes_per_token} "
+                "bytes per token; raise kv_cache_bytes / mem_fraction_static"
+            )
+        return tokens
+
+    def _init_pools(self) -> None:
+        args = self.server_args
+        layers, kv_heads, head_dim = kv_shape(self.config)
+        bpt = TokenToKVPool.bytes_per_token(layers, kv_heads, head_dim, self.dtype)
+        self.allocator = TokenToKVPoolAllocator(self._pool_tokens(bpt), args.page_size, self.device)
+        self.max_total_tokens = self.allocator.size
+        self.token_to_kv_pool = TokenToKVPool(
+            self.max_total_tokens, args.page_size, layers, kv_heads, head_dim, self.dtype,
+            self.device,
+        )
+        self.req_to_token_pool = ReqToTokenPool(
+            args.max_running_requests, self.context_len, self.device
+        )
+
+    @torch.inference_mode()
+    def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Runs the model on one step; returns float32 logits of the requested rows."""
+        forward_batch.req_to_token_pool = self.req_to_token_pool
+        forward_batch.token_to_kv_pool = self.token_to_kv_pool
+        forward_batch.attn_backend = self.attn_backend
+        self.attn_backend.init_forward_metadata(forward_batch)
+        return self.model(forward_batch)

@@ -1,0 +1,271 @@
+"""The Llama family over the paged KV pool: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2.
+
+One implementation; the members differ only in switches read from the HF config:
+
+    model_type   q/k/v bias          o_proj bias       per-head q/k RMSNorm   head_dim
+    llama        attention_bias      attention_bias    no                     config (or H/heads)
+    mistral      no                  no                no                     config (or H/heads)
+    qwen2        yes                 no                no                     H/heads
+    qwen3        attention_bias      attention_bias    yes (before RoPE)      config.head_dim
+
+Tied embeddings (SmolLM2, small Qwen) reuse `embed_tokens.weight` as the LM head.
+
+Layout for speed on CPU: one fused qkv matmul and one fused gate_up matmul per layer
+(`load_weights` stacks HF's separate q/k/v and gate/up weights into them); cos/sin rows are looked
+up once per step for all layers; the residual stream is added in place inside the norms.
+
+Not implemented: sliding-window attention (Mistral v0.1's 4096 window, Qwen's
+`use_sliding_window`). Every layer attends to the whole context, which is exact only while
+sequences stay within the window; a warning is logged when a config declares an active window.
+
+For the model runner: `num_layers`, `num_kv_heads` and `head_dim` (instance attributes) size the
+KV pool, `max_context_len` bounds sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmprog.runtime.layers.activation import SiluAndMul
+from lmprog.runtime.layers.attention.base import RadixAttention
+from lmprog.runtime.layers.layernorm import RMSNorm
+from lmprog.runtime.layers.logits_processor import LogitsProcessor
+from lmprog.runtime.layers.rotary import RotaryEmbedding, rope_parameters
+from lmprog.runtime.model_executor.forward_batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+# (our fused parameter, HF's parameter, shard id): HF name `...q_proj.weight` loads into rows
+# `shard_slices["qkv_proj"]["q"]` of `...qkv_proj.weight`.
+STACKED_PARAMS: tuple[tuple[str, str, str], ...] = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", "gate"),
+    ("gate_up_proj", "up_proj", "up"),
+)
+
+
+def _linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
+    # skip_init: weights come from the checkpoint; a random init of 100M+ floats costs seconds.
+    return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=dtype)
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        model_type = getattr(config, "model_type", "llama")
+        bias = bool(getattr(config, "attention_bias", False))
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = _head_dim(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        qkv_bias = bias or model_type == "qwen2"
+        self.qkv_proj = _linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias, dtype)
+        self.o_proj = _linear(self.q_size, config.hidden_size, bias, dtype)
+        self.qk_norm = model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+        self.attn = RadixAttention(layer_id, self.num_heads, self.head_dim, self.num_kv_heads)
+
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch
+    ) -> torch.Tensor:
+        t, h, hkv, d = hidden.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) * D]: q heads, then k heads, then v heads
+        v = qkv[:, self.q_size + self.kv_size :].view(t, hkv, d)
+        if self.qk_norm:
+            q = self.q_norm(qkv[:, : self.q_size].view(t, h, d))
+            k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size].view(t, hkv, d))
+            q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+        else:
+            # q and k heads are adjacent in each row: rotate them in one pass.
+            qk = RotaryEmbedding.apply(
+                qkv[:, : self.q_size + self.kv_size].view(t, h + hkv, d), cos, sin
+            )
+            q, k = qk[:, :h], qk[:, h:]
+        return self.o_proj(self.attn(q, k, v, fb))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act {config.hidden_act!r} (only silu)")
+        bias = bool(getattr(config, "mlp_bias", False))
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = _linear(hidden, 2 * inter, bias, dtype)
+        self.down_proj = _linear(inter, hidden, bias, dtype)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(config, layer_id, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        fb: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sublayer output, residual stream) -> the same after this layer (residual not yet added).
+
+        On the first layer `residual` is None and `hidden` is the embedding, which becomes it.
+        """
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, fb)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = nn.utils.skip_init(
+            nn.Embedding, config.vocab_size, config.hidden_size, dtype=dtype
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.rotary_emb = RotaryEmbedding(
+            _head_dim(config), config.max_position_embeddings, rope_parameters(config)
+        )
+
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """[T] token ids -> [T, hidden] final-normed hidden states; writes every layer's KV."""
+        self.rotary_emb.ensure(max(fb.seq_lens_cpu))
+        hidden = self.embed_tokens(fb.input_ids)
+        cos, sin = self.rotary_emb.cos_sin(fb.positions, hidden.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin, fb)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """`forward(forward_batch)` -> float32 logits [rows, vocab], rows per `logits_indices`.
+
+    Invariants: the step's attention backend is set on the ForwardBatch and its
+    `init_forward_metadata` has run; `req_to_token` already maps every new token's position to
+    its `out_cache_loc` slot (extend reads the new tokens' KV back through it). `dtype`
+    defaults to float32 (bf16 matmuls are ~100x slower on CPUs without AMX).
+    """
+
+    def __init__(self, config: Any, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        dtype = dtype or torch.float32
+        self.config = config
+        self.dtype = dtype
+        self.num_layers: int = config.num_hidden_layers
+        self.num_kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = _head_dim(config)
+        self.max_context_len: int = config.max_position_embeddings
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.model = LlamaModel(config, dtype)
+        if not self.tie_word_embeddings:
+            self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.requires_grad_(False)
+        self._warn_sliding_window(config)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.model(forward_batch)
+        return self.logits_processor(hidden, self.lm_head_weight, forward_batch)
+
+    def _shard_rows(self, fused: str, shard: str) -> slice:
+        """Rows of a fused weight that one HF weight fills (see STACKED_PARAMS)."""
+        q = self.config.num_attention_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        inter = self.config.intermediate_size
+        return {
+            "q": slice(0, q),
+            "k": slice(q, q + kv),
+            "v": slice(q + kv, q + 2 * kv),
+            "gate": slice(0, inter),
+            "up": slice(inter, 2 * inter),
+        }[shard]
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies HF-named weights in; fails on an unknown name, a wrong shape or a missing one."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb." in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue  # recomputed buffers; the tied head is the embedding
+            target, rows, key = name, slice(None), name
+            for fused, theirs, shard in STACKED_PARAMS:
+                if f".{theirs}." in name:
+                    target = name.replace(f".{theirs}.", f".{fused}.")
+                    rows, key = self._shard_rows(fused, shard), f"{target}[{shard}]"
+                    break
+            if target not in params:
+                raise ValueError(
+                    f"unexpected weight {name!r} for {type(self).__name__} "
+                    f"({self.config.model_type})"
+                )
+            dst = params[target].data[rows]
+            if dst.shape != tensor.shape:
+                raise ValueError(
+                    f"weight {name!r} has shape {tuple(tensor.shape)}; "
+                    f"the model expects {tuple(dst.shape)}"
+                )
+            dst.copy_(tensor)
+            loaded.add(key)
+        missing = sorted(self._expected_weight_keys() - loaded)
+        if missing:
+            raise ValueError(f"{len(missing)} weights missing from the checkpoint: {missing[:8]}")
+
+    def _expected_weight_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for name, _ in self.named_parameters():
+            shards = [s for fused, _, s in STACKED_PARAMS if f".{fused}." in name]
+            if shards:
+                keys.update(f"{name}[{s}]" for s in shards)
+            else:
+                keys.add(name)
+        return keys
+
+    @staticmethod
+    def _warn_sliding_window(config: Any) -> None:
+        window = getattr(config, "sliding_window", None)
+        active = getattr(config, "use_sliding_window", config.model_type == "mistral")
+        if window and active and window < config.max_position_embeddings:
+            logger.warning(
+                "config declares a sliding window of %d tokens; lmprog attends to the full "
+                "context, so outputs differ from the reference beyond %d tokens",
+                window,
+                window,
+            )

@@ -1,0 +1,36 @@
+"""Model classes by HF architecture name (`config.architectures`), imported lazily.
+
+Each entry is "module:Class" so that importing the registry imports no model code; a model
+module is loaded only when a checkpoint names one of its architectures.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LLAMA = "lmprog.runtime.models.llama:LlamaForCausalLM"
+
+# HF architecture name -> "module:Class". One implementation serves the whole Llama family;
+# it reads the per-family switches (biases, q/k norm) from the config's model_type.
+_MODELS: dict[str, str] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,
+    "Qwen3ForCausalLM": _LLAMA,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(architectures: list[str]) -> type:
+    """The class of the first supported name in `architectures` (a config's list, in order)."""
+    for arch in architectures or []:
+        if arch in _MODELS:
+            module_name, cls_name = _MODELS[arch].split(":")
+            return getattr(importlib.import_module(module_name), cls_name)
+    raise ValueError(
+        f"model architectures {architectures} are not supported; "
+        f"supported: {supported_architectures()}"
+    )

@@ -1,0 +1,141 @@
+"""ServerArgs: every engine and server setting, in one frozen dataclass.
+
+The offline `LLM(...)` takes the same names as keywords; `python -m lmprog.launch_server` builds its
+command-line flags from the fields (`max_total_tokens` -> `--max-total-tokens`). Values derived from
+the machine (device, dtype, thread count) are resolved by properties, not stored twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "Alias, local HF folder, .gguf file or hub id of the model."},
+    )
+    tokenizer_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer location, if not the model's own."}
+    )
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "Model name in the API (default: model_path)."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16."},
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    max_model_len: int | None = field(
+        default=None,
+        metadata={"help": "Context length (prompt + output); default: the model's own."},
+    )
+    max_total_tokens: int | None = field(
+        default=None, metadata={"help": "KV pool size in tokens (overrides the byte budget)."}
+    )
+    kv_cache_bytes: int = field(
+        default=2 << 30, metadata={"help": "CPU: the KV pool's byte budget (default 2 GiB)."}
+    )
+    mem_fraction_static: float = field(
+        default=0.85,
+        metadata={"help": "CUDA: fraction of GPU memory for weights + KV pool."},
+    )
+    page_size: int = field(default=1, metadata={"help": "Tokens per KV page."})
+    max_running_requests: int = field(
+        default=256, metadata={"help": "Most sequences decoding at once."}
+    )
+    max_prefill_tokens: int = field(
+        default=8192, metadata={"help": "Token budget of one prefill batch."}
+    )
+    schedule_policy: str = field(default="fcfs", metadata={"help": "Waiting-queue order: fcfs."})
+    attention_backend: str = field(
+        default="torch_native", metadata={"help": "Attention implementation: torch_native."}
+    )
+    seed: int | None = field(
+        default=None, metadata={"help": "Seed of the engine's RNG (unseeded requests draw here)."}
+    )
+    cpu_threads: int | None = field(
+        default=None, metadata={"help": "torch threads for the model on CPU (default: all cores)."}
+    )
+    max_logprobs: int = field(default=20, metadata={"help": "Most top logprobs per token."})
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("page_size", self.page_size >= 1, ">= 1"),
+            ("max_running_requests", self.max_running_requests >= 1, ">= 1"),
+            ("max_prefill_tokens", self.max_prefill_tokens >= 1, ">= 1"),
+            ("kv_cache_bytes", self.kv_cache_bytes > 0, "> 0"),
+            ("mem_fraction_static", 0 < self.mem_fraction_static <= 1, "in (0, 1]"),
+            ("dtype", self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "one of auto, float32, bfloat16, float16"),
+            ("device", self.device in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
+            ("schedule_policy", self.schedule_policy in ("fcfs",), "one of fcfs"),
+        ]
+        if self.max_total_tokens is not None:
+            checks.append(("max_total_tokens", self.max_total_tokens >= 1, ">= 1"))
+        if self.max_model_len is not None:
+            checks.append(("max_model_len", self.max_model_len >= 2, ">= 2"))
+        for name, ok, limit in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {limit}, got {getattr(self, name)!r}")
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_path
+
+    @property
+    def num_threads(self) -> int:
+        return self.cpu_threads or len(os.sched_getaffinity(0))
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> ServerArgs:
+        """Builds from keywords, failing on unknown names with the list of known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> ServerArgs:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """One `--flag-name` per field, typed and documented from the field itself."""
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", help=help_text)
+                continue
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> ServerArgs:
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})

