@@ -87,8 +87,9 @@ class Req:
         if (hit_eos or hit_stop_id) and n_out > params.min_tokens:
             self.finished_reason = FinishReason("stop", None if hit_eos else token_id)
             return
-        matched = self.output_text.append([token_id])
-        if matched is not None and n_out >= params.min_tokens:
+        # A stop string completed before min_tokens does not count, now or later (as vLLM).
+        matched = self.output_text.append([token_id], check_stop=n_out >= params.min_tokens)
+        if matched is not None:
             self.finished_reason = FinishReason("stop", matched)
         elif n_out >= self.max_new_tokens or len(self.origin_input_ids) + n_out >= context_len:
             self.finished_reason = FinishReason("length")

@@ -42,6 +42,16 @@ def derive_seed(seed: int, index: int) -> int:
 
 
 @dataclass
+class SchedulerStats:
+    """Counters since start (the server's metrics read them)."""
+
+    prefill_tokens: int = 0  # prompt tokens computed (cached ones excluded)
+    generated_tokens: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+
+
+@dataclass
 class ScheduledBatch:
     mode: ForwardMode
     reqs: list[Req]
@@ -65,7 +75,7 @@ class Scheduler:
         self.rng = random.Random(server_args.seed)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
-        self.num_generated_tokens = 0
+        self.stats = SchedulerStats()
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -132,6 +142,11 @@ class Scheduler:
         fb = build_forward_batch(mode, reqs, self.req_to_token_pool, self.allocator, self.device)
         # Admission reserved every slot a running request may take, so this cannot fail.
         assert fb is not None, f"KV pool exhausted in {mode.value}: {self.kv_stats()}"
+        if mode.is_extend:
+            self.stats.prefill_steps += 1
+            self.stats.prefill_tokens += fb.num_tokens
+        else:
+            self.stats.decode_steps += 1
         return ScheduledBatch(mode, list(reqs), fb)
 
     def _schedule_prefill(self) -> list[Req]:
@@ -181,7 +196,7 @@ class Scheduler:
             if out.logprobs is not None and req.sampling_params.logprobs is not None:
                 self._record_logprobs(req, i, token, out)
             req.append_token(token, self.context_len)
-        self.num_generated_tokens += len(rows)
+        self.stats.generated_tokens += len(rows)
         for req in rows:
             if req.finished:
                 self._release(req)

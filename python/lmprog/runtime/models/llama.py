@@ -34,7 +34,7 @@ from torch import nn
 from lmprog.runtime.layers.activation import SiluAndMul
 from lmprog.runtime.layers.attention.base import RadixAttention
 from lmprog.runtime.layers.layernorm import RMSNorm
-from lmprog.runtime.layers.logits_processor import LogitsProcessor
+from lmprog.runtime.layers.logits_processor import LogitsProcessor, fast_linear
 from lmprog.runtime.layers.rotary import RotaryEmbedding, rope_parameters
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch
 
@@ -51,13 +51,33 @@ STACKED_PARAMS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _uninitialized(module_cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+    """`module_cls(*args)` with uninitialized weights, on the current default device.
+
+    Weights come from the checkpoint; a random init of 100M+ floats costs seconds. The device is
+    passed explicitly because skip_init ignores a `with torch.device(...)` context.
+    """
+    device = torch.get_default_device()
+    return nn.utils.skip_init(module_cls, *args, device=device, **kwargs)
+
+
+class _Linear(nn.Linear):
+    """nn.Linear through `fast_linear` (oneDNN for fp32 on CPU: ~1.5x faster when decoding)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_linear(x, self.weight, self.bias)
+
+
 def _linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
-    # skip_init: weights come from the checkpoint; a random init of 100M+ floats costs seconds.
-    return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=dtype)
+    return _uninitialized(_Linear, in_features, out_features, bias=bias, dtype=dtype)
 
 
 def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _kv_heads(config: Any) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 class LlamaAttention(nn.Module):
@@ -66,7 +86,7 @@ class LlamaAttention(nn.Module):
         model_type = getattr(config, "model_type", "llama")
         bias = bool(getattr(config, "attention_bias", False))
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = _kv_heads(config)
         self.head_dim = _head_dim(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -145,7 +165,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, dtype: torch.dtype) -> None:
         super().__init__()
-        self.embed_tokens = nn.utils.skip_init(
+        self.embed_tokens = _uninitialized(
             nn.Embedding, config.vocab_size, config.hidden_size, dtype=dtype
         )
         self.layers = nn.ModuleList(
@@ -181,9 +201,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         dtype = dtype or torch.float32
         self.config = config
-        self.dtype = dtype
         self.num_layers: int = config.num_hidden_layers
-        self.num_kv_heads: int = config.num_key_value_heads
+        self.num_kv_heads: int = _kv_heads(config)
         self.head_dim: int = _head_dim(config)
         self.max_context_len: int = config.max_position_embeddings
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -234,7 +253,7 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(
                     f"unexpected weight {name!r} for {type(self).__name__} "
-                    f"({self.config.model_type})"
+                    f"({getattr(self.config, 'model_type', '?')})"
                 )
             dst = params[target].data[rows]
             if dst.shape != tensor.shape:

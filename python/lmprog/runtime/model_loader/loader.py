@@ -1,0 +1,63 @@
+"""`load_model`: a model spec to (HF config, fast tokenizer, lazily streamed weights)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmprog.runtime.model_loader.folder_loader import folder_weights
+from lmprog.runtime.model_loader.gguf_loader import GGUFCheckpoint
+from lmprog.runtime.model_loader.resolve import ModelSource, resolve_model
+from lmprog.runtime.model_loader.safetensors_io import SAFETENSORS_DTYPES
+from lmprog.runtime.model_loader.tokenizer_cache import load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+WeightStream = Iterator[tuple[str, torch.Tensor]]
+
+
+@dataclass
+class LoadedModel:
+    """A resolved model: config and tokenizer in memory, weights read when `weights()` runs."""
+
+    source: ModelSource
+    config: PretrainedConfig  # LlamaConfig for a GGUF; AutoConfig's class for a folder
+    tokenizer: PreTrainedTokenizerBase  # fast; chat_template set when the model has one
+    dtype: torch.dtype  # the dtype `weights()` yields floating tensors in
+    _stream: Callable[[], WeightStream] = field(repr=False)
+
+    def weights(self) -> WeightStream:
+        """Yield (HF parameter name, tensor) pairs, one tensor in memory at a time.
+
+        Names are HF's ("model.layers.0.self_attn.q_proj.weight"); "lm_head.weight" appears only
+        when the checkpoint stores it (untied embeddings). Each call starts a fresh stream.
+        """
+        return self._stream()
+
+
+def load_model(spec: str, dtype: torch.dtype) -> LoadedModel:
+    """Resolve `spec` (alias, .gguf path, HF folder, hub id) and load its config and tokenizer."""
+    if dtype not in SAFETENSORS_DTYPES:
+        supported = ", ".join(str(d) for d in SAFETENSORS_DTYPES)
+        raise ValueError(f"cannot load weights as {dtype}; supported dtypes: {supported}")
+    source = resolve_model(spec)
+    if source.kind == "gguf":
+        checkpoint = GGUFCheckpoint(source.path)
+        config = checkpoint.config()
+
+        def stream() -> WeightStream:
+            return checkpoint.weights(dtype)
+
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source.path)
+
+        def stream() -> WeightStream:
+            return folder_weights(source.path, dtype)
+
+    return LoadedModel(source, config, load_tokenizer(source), dtype, stream)

@@ -1,0 +1,234 @@
+"""User-facing sampling parameters (vLLM's names), validated where they are created.
+
+This module must import without torch: the API process and client programs build and
+validate `SamplingParams` long before any tensor exists.
+
+Validation is split in two:
+
+- `__post_init__` checks what needs no model (ranges, types, `min_tokens <= max_tokens`)
+  and normalises the loose input forms (`stop="x"` -> `["x"]`, `top_k=0` -> `-1`, ...);
+- `validate_for_model` checks what needs the model (token ids inside the vocabulary,
+  the server's logprobs limit).
+
+Every error is a `ValueError` (wrong types too: one exception type for the server to map
+to a 400) that names the field, the value and the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# Temperatures below this are greedy decoding (argmax), as in vLLM: dividing logits by a
+# tiny temperature only overflows, and the limit of sampling as T -> 0 is the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+# Penalty limits follow the OpenAI API (presence/frequency in [-2, 2]) and vLLM
+# (repetition > 0, where 1 means off).
+_PENALTY_LIMIT = 2.0
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token of one request, and when to stop.
+
+    Fields (vLLM semantics):
+        n: number of completions to return for the prompt (>= 1).
+        presence_penalty: subtracted once from the logit of every token that already
+            appears in the output; in [-2, 2]; 0 is off.
+        frequency_penalty: subtracted from a token's logit once per occurrence in the
+            output; in [-2, 2]; 0 is off.
+        repetition_penalty: for tokens in the prompt or the output, positive logits are
+            divided by it and negative ones multiplied; > 0; 1 is off.
+        temperature: logits are divided by it before sampling; 0 (anything below 1e-5)
+            means greedy: the argmax, with top_p/top_k/min_p reset to off.
+        top_p: keep the smallest set of most likely tokens whose mass reaches top_p
+            (after top_k); in (0, 1]; 1 is off.
+        top_k: keep the k most likely tokens; -1 (or 0, stored as -1) is off.
+        min_p: drop tokens whose probability is below min_p times the top token's;
+            in [0, 1]; 0 is off.
+        seed: per-request seed; the same seed, prompt and parameters give the same
+            output regardless of what else is in the batch. None: the engine picks one.
+        stop: strings that end the generation (not included in the output unless
+            include_stop_str_in_output). A single string is accepted; stored as a list.
+        stop_token_ids: token ids that end the generation (the token is kept in
+            output_ids but, if special, is not detokenized).
+        ignore_eos: keep generating after the EOS token.
+        max_tokens: the most tokens to generate (>= 1); None means up to the model's
+            context length.
+        min_tokens: EOS and stop_token_ids are forbidden until this many tokens exist.
+        logprobs: also return this many top log-probabilities per generated token,
+            besides the chosen token's own (0: only the chosen token's); None: none.
+        skip_special_tokens: leave special tokens out of the detokenized text.
+        spaces_between_special_tokens: put spaces between special tokens when they are
+            detokenized.
+        include_stop_str_in_output: keep the matched stop string in the output text.
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self._normalise()
+        self._validate_ranges()
+        if self.is_greedy:
+            # Truncation is meaningless for the argmax; resetting it (as vLLM does) lets
+            # the batch treat every greedy row alike.
+            self.top_p, self.top_k, self.min_p = 1.0, -1, 0.0
+
+    # -- derived values -------------------------------------------------------------------
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the next token is the argmax (temperature below 1e-5)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def uses_penalties(self) -> bool:
+        """True when any of presence/frequency/repetition penalty is not the no-op value."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+    # -- model-dependent checks --------------------------------------------------------------
+
+    def validate_for_model(self, vocab_size: int, max_logprobs: int = 20) -> None:
+        """Check what needs the model: stop_token_ids inside the vocabulary, and
+        logprobs within the server's limit. Raises ValueError."""
+        for token_id in self.stop_token_ids:
+            if token_id >= vocab_size:
+                raise ValueError(
+                    f"stop_token_ids contains {token_id}, outside the vocabulary "
+                    f"(ids must be < {vocab_size})"
+                )
+        if self.logprobs is not None and self.logprobs > max_logprobs:
+            raise ValueError(
+                f"logprobs must be <= {max_logprobs} (the server's max_logprobs), "
+                f"got {self.logprobs}"
+            )
+
+    # -- copies ----------------------------------------------------------------------------------
+
+    def clone(self) -> SamplingParams:
+        """An independent copy (lists are copied too)."""
+        return self.with_overrides()
+
+    def with_overrides(self, **changes: Any) -> SamplingParams:
+        """A validated copy with some fields replaced, e.g. `with_overrides(max_tokens=1)`."""
+        return dataclasses.replace(self, **changes)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _normalise(self) -> None:
+        if self.top_k == 0:
+            self.top_k = -1
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        for name in (
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "temperature",
+            "top_p",
+            "min_p",
+        ):
+            setattr(self, name, _as_float(name, getattr(self, name)))
+
+    def _validate_ranges(self) -> None:
+        _check_int("n", self.n, minimum=1)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -_PENALTY_LIMIT <= value <= _PENALTY_LIMIT:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if math.isinf(self.temperature):
+            raise ValueError(f"temperature must be finite, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_int("top_k", self.top_k, minimum=-1)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+        self._validate_stops()
+        self._validate_lengths()
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0)
+        for name in (
+            "ignore_eos",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+            "include_stop_str_in_output",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")  # noqa: TRY004
+
+    def _validate_stops(self) -> None:
+        for stop in self.stop:
+            if not isinstance(stop, str) or not stop:
+                raise ValueError(f"stop must contain non-empty strings, got {stop!r}")
+        for token_id in self.stop_token_ids:
+            _check_int("stop_token_ids", token_id, minimum=0)
+
+    def _validate_lengths(self) -> None:
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, minimum=1)
+        _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} "
+                f"> max_tokens={self.max_tokens}"
+            )
+
+
+def _as_float(name: str, value: object) -> float:
+    """Accept ints and floats (not bools, not NaN) for a float field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number, got nan")
+    return value
+
+
+def _check_int(name: str, value: object, minimum: int | None = None) -> None:
+    """Raise unless value is an int (not a bool) and, when given, at least `minimum`.
+
+    top_k is the one field whose minimum (-1) is a sentinel, so its message says so."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")  # noqa: TRY004
+    if minimum is None or value >= minimum:
+        return
+    if name == "top_k":
+        raise ValueError(f"top_k must be -1 or 0 (off) or >= 1, got {value}")
+    if minimum == 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
