@@ -15,7 +15,8 @@ from pathlib import Path
 import lmprog
 import pytest
 import torch
-from lmprog.runtime.layers.sampler import Sampler, SamplerOutput, log_exponentials, mix64
+from lmprog.runtime.layers.sampler import Sampler, SamplerOutput
+from lmprog.runtime.sampling.seeded_random import log_exponentials, mix64
 from lmprog.runtime.sampling.penalties import PenaltyInputs, apply_penalties_
 from lmprog.runtime.sampling.sampling_batch_info import SamplingBatchInfo
 from lmprog.runtime.sampling.sampling_params import SamplingParams

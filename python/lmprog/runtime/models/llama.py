@@ -34,7 +34,8 @@ from torch import nn
 from lmprog.runtime.layers.activation import SiluAndMul
 from lmprog.runtime.layers.attention.base import RadixAttention
 from lmprog.runtime.layers.layernorm import RMSNorm
-from lmprog.runtime.layers.logits_processor import LogitsProcessor, fast_linear
+from lmprog.runtime.layers.linear import linear, uninitialized
+from lmprog.runtime.layers.logits_processor import LogitsProcessor
 from lmprog.runtime.layers.rotary import RotaryEmbedding, rope_parameters
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch
 
@@ -49,27 +50,6 @@ STACKED_PARAMS: tuple[tuple[str, str, str], ...] = (
     ("gate_up_proj", "gate_proj", "gate"),
     ("gate_up_proj", "up_proj", "up"),
 )
-
-
-def _uninitialized(module_cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
-    """`module_cls(*args)` with uninitialized weights, on the current default device.
-
-    Weights come from the checkpoint; a random init of 100M+ floats costs seconds. The device is
-    passed explicitly because skip_init ignores a `with torch.device(...)` context.
-    """
-    device = torch.get_default_device()
-    return nn.utils.skip_init(module_cls, *args, device=device, **kwargs)
-
-
-class _Linear(nn.Linear):
-    """nn.Linear through `fast_linear` (oneDNN for fp32 on CPU: ~1.5x faster when decoding)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_linear(x, self.weight, self.bias)
-
-
-def _linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
-    return _uninitialized(_Linear, in_features, out_features, bias=bias, dtype=dtype)
 
 
 def _head_dim(config: Any) -> int:
@@ -91,8 +71,8 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         qkv_bias = bias or model_type == "qwen2"
-        self.qkv_proj = _linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias, dtype)
-        self.o_proj = _linear(self.q_size, config.hidden_size, bias, dtype)
+        self.qkv_proj = linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias, dtype)
+        self.o_proj = linear(self.q_size, config.hidden_size, bias, dtype)
         self.qk_norm = model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -125,8 +105,8 @@ class LlamaMLP(nn.Module):
             raise NotImplementedError(f"hidden_act {config.hidden_act!r} (only silu)")
         bias = bool(getattr(config, "mlp_bias", False))
         hidden, inter = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = _linear(hidden, 2 * inter, bias, dtype)
-        self.down_proj = _linear(inter, hidden, bias, dtype)
+        self.gate_up_proj = linear(hidden, 2 * inter, bias, dtype)
+        self.down_proj = linear(inter, hidden, bias, dtype)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +145,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, dtype: torch.dtype) -> None:
         super().__init__()
-        self.embed_tokens = _uninitialized(
+        self.embed_tokens = uninitialized(
             nn.Embedding, config.vocab_size, config.hidden_size, dtype=dtype
         )
         self.layers = nn.ModuleList(
@@ -208,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.model = LlamaModel(config, dtype)
         if not self.tie_word_embeddings:
-            self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype)
+            self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtype)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.requires_grad_(False)
         self._warn_sliding_window(config)
