@@ -17,7 +17,7 @@ import time
 import torch
 
 
-def make_prompts(tokenizer, n: int, input_len: int, seed: int) -> list[list[int]]:  # noqa: ANN001
+def make_prompts(tokenizer, n: int, input_len: int, seed: int) -> list[list[int]]:
     """Deterministic random prompts of exactly `input_len` ordinary (non-special) tokens."""
     rng = random.Random(seed)
     special = set(tokenizer.all_special_ids)
@@ -25,7 +25,7 @@ def make_prompts(tokenizer, n: int, input_len: int, seed: int) -> list[list[int]
     return [[rng.choice(vocab) for _ in range(input_len)] for _ in range(n)]
 
 
-def bench_lmprog(llm, prompts: list[list[int]], output_len: int) -> tuple[float, int]:  # noqa: ANN001
+def bench_lmprog(llm, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
     from lmprog import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
@@ -36,7 +36,7 @@ def bench_lmprog(llm, prompts: list[list[int]], output_len: int) -> tuple[float,
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
-def build_hf_model(llm):  # noqa: ANN001
+def build_hf_model(llm):
     """HF transformers' model on the weights lmprog loaded (its modelling code, our loader)."""
     from transformers import AutoModelForCausalLM
 
@@ -49,7 +49,7 @@ def build_hf_model(llm):  # noqa: ANN001
 
 
 @torch.inference_mode()
-def bench_hf(model, tokenizer, prompts: list[list[int]], output_len: int, batch_size: int):  # noqa: ANN001
+def bench_hf(model, tokenizer, prompts: list[list[int]], output_len: int, batch_size: int):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     n_out = 0
     t0 = time.perf_counter()
@@ -59,8 +59,12 @@ def bench_hf(model, tokenizer, prompts: list[list[int]], output_len: int, batch_
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=output_len,
-            min_new_tokens=output_len, do_sample=False, pad_token_id=pad,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            pad_token_id=pad,
         )
         n_out += (out.shape[1] - width) * len(chunk)
     return time.perf_counter() - t0, n_out
@@ -90,9 +94,11 @@ def main() -> None:
         t_hf, n_hf = bench_hf(hf, llm.get_tokenizer(), prompts, args.output_len, args.hf_batch_size)
         rows.append((f"HF generate (batch {args.hf_batch_size})", t_hf, n_hf))
 
-    print(f"\n{args.num_prompts} prompts x {args.input_len} input / {args.output_len} output tokens, "
-          f"model {args.model}, {torch.get_num_threads()} threads")
-    print(f"| engine | time (s) | output tokens | output tok/s | vs HF |")
+    print(
+        f"\n{args.num_prompts} prompts x {args.input_len} input / {args.output_len} output tokens, "
+        f"model {args.model}, {torch.get_num_threads()} threads"
+    )
+    print("| engine | time (s) | output tokens | output tok/s | vs HF |")
     print("|---|---|---|---|---|")
     base = rows[-1][2] / rows[-1][1] if args.compare_hf else None
     for name, t, n in rows:

@@ -1,6 +1,6 @@
 """Chat through the model's chat template, as in the FastDeploy / vLLM chat examples.
 
-    python examples/chat.py [--model smollm2-135m-instruct]
+python examples/chat.py [--model smollm2-135m-instruct]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Offline batched inference, as in the vLLM / CacheFlow quickstart, on the embedded default model.
 
-    python examples/offline_inference.py [--model smollm2-135m-instruct]
+python examples/offline_inference.py [--model smollm2-135m-instruct]
 """
 
 import argparse

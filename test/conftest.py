@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 _ENGINES: list = []
 
 
-def make_engine(**kwargs):  # noqa: ANN003, ANN201
+def make_engine(**kwargs):
     from lmprog import LLM
 
     llm = LLM(**kwargs)
@@ -26,13 +26,13 @@ def make_engine(**kwargs):  # noqa: ANN003, ANN201
 
 
 @pytest.fixture(scope="session")
-def llm():  # noqa: ANN201
+def llm():
     """The default model (SmolLM2-135M-Instruct, fp32 on CPU), shared by the whole run."""
     return make_engine(seed=0)
 
 
 @pytest.fixture(scope="session")
-def engine_factory():  # noqa: ANN201
+def engine_factory():
     """Makes extra engine configurations; each is integrity-checked after every test."""
     return make_engine
 

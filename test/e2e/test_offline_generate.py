@@ -11,13 +11,13 @@ ARITH = [{"role": "user", "content": "What is 2+2?"}]
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 
 
-def test_germany_answers_berlin(llm) -> None:  # noqa: ANN001
+def test_germany_answers_berlin(llm) -> None:
     out = llm.chat(GERMANY, GREEDY, use_tqdm=False)[0]
     assert "Berlin" in out.outputs[0].text
     assert out.prompt.endswith("assistant\n") and out.finished
 
 
-def test_prompt_forms_come_back_in_input_order(llm) -> None:  # noqa: ANN001
+def test_prompt_forms_come_back_in_input_order(llm) -> None:
     tok = llm.get_tokenizer()
     texts = ["The capital of France is", "Hello, my name is"]
     ids = [tok.encode(t) for t in texts]
@@ -34,29 +34,34 @@ def test_prompt_forms_come_back_in_input_order(llm) -> None:  # noqa: ANN001
     assert one_dict[0].outputs[0].token_ids == by_text[0].outputs[0].token_ids
 
 
-def test_batched_answers_equal_answers_alone(llm) -> None:  # noqa: ANN001
+def test_batched_answers_equal_answers_alone(llm) -> None:
     convs = [GERMANY, ARITH, GERMANY]
     together = [o.outputs[0].text for o in llm.chat(convs, GREEDY, use_tqdm=False)]
     alone = [llm.chat(c, GREEDY, use_tqdm=False)[0].outputs[0].text for c in convs[:2]]
     assert together == [alone[0], alone[1], alone[0]]
 
 
-def test_max_tokens_ends_with_length(llm) -> None:  # noqa: ANN001
-    out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=5,
-                                                          ignore_eos=True), use_tqdm=False)
+def test_max_tokens_ends_with_length(llm) -> None:
+    out = llm.generate(
+        "Once upon a time",
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+        use_tqdm=False,
+    )
     c = out[0].outputs[0]
     assert len(c.token_ids) == 5 and c.finish_reason == "length" and c.stop_reason is None
     assert c.text == llm.get_tokenizer().decode(c.token_ids, skip_special_tokens=True)
 
 
-def test_eos_ends_with_stop_and_is_not_in_the_text(llm) -> None:  # noqa: ANN001
-    c = llm.chat(GERMANY, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0].outputs[0]
+def test_eos_ends_with_stop_and_is_not_in_the_text(llm) -> None:
+    c = llm.chat(GERMANY, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0].outputs[
+        0
+    ]
     eos = llm.get_tokenizer().eos_token_id
     assert c.finish_reason == "stop" and c.token_ids[-1] == eos and c.stop_reason is None
     assert "<|im_end|>" not in c.text
 
 
-def test_stop_string_across_tokens_is_trimmed(llm) -> None:  # noqa: ANN001
+def test_stop_string_across_tokens_is_trimmed(llm) -> None:
     tok = llm.get_tokenizer()
     base = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     full = llm.generate("The history of Rome", base, use_tqdm=False)[0].outputs[0]
@@ -67,13 +72,14 @@ def test_stop_string_across_tokens_is_trimmed(llm) -> None:  # noqa: ANN001
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
     c = llm.generate("The history of Rome", params, use_tqdm=False)[0].outputs[0]
     assert (c.text, c.finish_reason, c.stop_reason) == (expected, "stop", stop)
-    kept = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
-                          include_stop_str_in_output=True)
+    kept = SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True
+    )
     c2 = llm.generate("The history of Rome", kept, use_tqdm=False)[0].outputs[0]
     assert c2.text == expected + stop
 
 
-def test_stop_token_ids(llm) -> None:  # noqa: ANN001
+def test_stop_token_ids(llm) -> None:
     base = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     full = llm.generate("The history of Rome", base, use_tqdm=False)[0].outputs[0]
     stop_id = full.token_ids[3]
@@ -84,14 +90,14 @@ def test_stop_token_ids(llm) -> None:  # noqa: ANN001
     assert (c.finish_reason, c.stop_reason) == ("stop", stop_id)
 
 
-def test_min_tokens_holds_back_eos(llm) -> None:  # noqa: ANN001
+def test_min_tokens_holds_back_eos(llm) -> None:
     params = SamplingParams(temperature=0, max_tokens=40, min_tokens=30)
     c = llm.chat(GERMANY, params, use_tqdm=False)[0].outputs[0]
     eos = llm.get_tokenizer().eos_token_id
     assert len(c.token_ids) >= 30 and eos not in c.token_ids[:30]
 
 
-def test_seeded_sampling_is_reproducible(llm) -> None:  # noqa: ANN001
+def test_seeded_sampling_is_reproducible(llm) -> None:
     def run(seed: int) -> list[int]:
         p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=seed, ignore_eos=True)
         return llm.generate("Tell me a story:", p, use_tqdm=False)[0].outputs[0].token_ids
@@ -100,7 +106,7 @@ def test_seeded_sampling_is_reproducible(llm) -> None:  # noqa: ANN001
     assert run(123) != run(124)
 
 
-def test_n_continuations_share_one_prefill(llm) -> None:  # noqa: ANN001
+def test_n_continuations_share_one_prefill(llm) -> None:
     tok = llm.get_tokenizer()
     prompt = "Write a sentence about the sea:"
     n_prompt = len(tok.encode(prompt))
@@ -113,14 +119,17 @@ def test_n_continuations_share_one_prefill(llm) -> None:  # noqa: ANN001
     assert len({tuple(c.token_ids) for c in out.outputs}) == 3
     # the first continuation is what n=1 with the same seed gives
     single = SamplingParams(temperature=1.0, max_tokens=12, seed=7, ignore_eos=True)
-    assert llm.generate(prompt, single, use_tqdm=False)[0].outputs[0].token_ids == \
-        out.outputs[0].token_ids
-    greedy = llm.generate(prompt, SamplingParams(n=2, temperature=0, max_tokens=8),
-                          use_tqdm=False)[0]
+    assert (
+        llm.generate(prompt, single, use_tqdm=False)[0].outputs[0].token_ids
+        == out.outputs[0].token_ids
+    )
+    greedy = llm.generate(prompt, SamplingParams(n=2, temperature=0, max_tokens=8), use_tqdm=False)[
+        0
+    ]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
 
 
-def test_logprobs(llm) -> None:  # noqa: ANN001
+def test_logprobs(llm) -> None:
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
     c = llm.generate("The capital of France is", params, use_tqdm=False)[0].outputs[0]
     assert len(c.logprobs) == 6
@@ -135,7 +144,7 @@ def test_logprobs(llm) -> None:  # noqa: ANN001
     assert plain.logprobs is None and plain.cumulative_logprob is None
 
 
-def test_metrics_are_ordered(llm) -> None:  # noqa: ANN001
+def test_metrics_are_ordered(llm) -> None:
     out = llm.generate("Hello", SamplingParams(max_tokens=3), use_tqdm=False)[0]
     m = out.metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time
@@ -147,13 +156,19 @@ def test_metrics_are_ordered(llm) -> None:  # noqa: ANN001
     ("make_input", "message"),
     [
         (lambda tok: ("", SamplingParams()), "empty"),
-        (lambda tok: ([5, 49152], SamplingParams()), "49152 at position 1 is outside the vocabulary"),
-        (lambda tok: ([1] * 9000, SamplingParams()), "prompt has 9000 tokens; the model's context is 8192"),
+        (
+            lambda tok: ([5, 49152], SamplingParams()),
+            "49152 at position 1 is outside the vocabulary",
+        ),
+        (
+            lambda tok: ([1] * 9000, SamplingParams()),
+            "prompt has 9000 tokens; the model's context is 8192",
+        ),
         (lambda tok: ("hi", SamplingParams(stop_token_ids=[10**6])), "stop_token_ids"),
         (lambda tok: ("hi", SamplingParams(logprobs=100)), "logprobs"),
     ],
 )
-def test_bad_input_raises_and_the_engine_keeps_working(llm, make_input, message) -> None:  # noqa: ANN001
+def test_bad_input_raises_and_the_engine_keeps_working(llm, make_input, message) -> None:
     prompt, params = make_input(llm.get_tokenizer())
     with pytest.raises(ValueError, match=message):
         llm.generate(prompt, params, use_tqdm=False)
@@ -172,21 +187,26 @@ def test_bad_input_raises_and_the_engine_keeps_working(llm, make_input, message)
         ({"n": 0}, "n"),
     ],
 )
-def test_bad_sampling_params_name_field_and_value(kwargs, message) -> None:  # noqa: ANN001
+def test_bad_sampling_params_name_field_and_value(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
 
 
-def test_sampling_params_per_prompt(llm) -> None:  # noqa: ANN001
-    outs = llm.generate(["A", "B"], [SamplingParams(max_tokens=2, ignore_eos=True),
-                                     SamplingParams(max_tokens=5, ignore_eos=True)],
-                        use_tqdm=False)
+def test_sampling_params_per_prompt(llm) -> None:
+    outs = llm.generate(
+        ["A", "B"],
+        [
+            SamplingParams(max_tokens=2, ignore_eos=True),
+            SamplingParams(max_tokens=5, ignore_eos=True),
+        ],
+        use_tqdm=False,
+    )
     assert [len(o.outputs[0].token_ids) for o in outs] == [2, 5]
     with pytest.raises(ValueError, match="one per prompt"):
         llm.generate(["A", "B"], [SamplingParams()] * 3, use_tqdm=False)
 
 
-def test_paged_kv_and_a_small_pool_give_the_same_answers(llm, engine_factory) -> None:  # noqa: ANN001
+def test_paged_kv_and_a_small_pool_give_the_same_answers(llm, engine_factory) -> None:
     """page_size 4 and a pool too small for all requests at once: requests queue, pages fill
     and free, and the greedy answers are those of the default engine."""
     small = engine_factory(seed=0, page_size=4, max_total_tokens=256, max_running_requests=4)

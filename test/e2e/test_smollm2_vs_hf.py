@@ -8,22 +8,30 @@ from lmprog import SamplingParams
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 
-def _our_logits(llm, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+def _our_logits(llm, ids: list[int]) -> torch.Tensor:
     """Teacher-forced logits of every position, through the engine's paged KV pool."""
     mr = llm.scheduler.model_runner
     slot = mr.req_to_token_pool.alloc()
     kv = mr.allocator.alloc(len(ids))
     try:
         mr.req_to_token_pool.write(slot, 0, kv)
-        fb = ForwardBatch.build(ForwardMode.EXTEND, ids, [slot], [0], [len(ids)], kv, mr.device,
-                                logits_indices=torch.arange(len(ids)))
+        fb = ForwardBatch.build(
+            ForwardMode.EXTEND,
+            ids,
+            [slot],
+            [0],
+            [len(ids)],
+            kv,
+            mr.device,
+            logits_indices=torch.arange(len(ids)),
+        )
         return mr.forward(fb)
     finally:
         mr.allocator.free(kv)
         mr.req_to_token_pool.free(slot)
 
 
-def test_smollm2_logits_match_hf_on_the_germany_answer(llm) -> None:  # noqa: ANN001
+def test_smollm2_logits_match_hf_on_the_germany_answer(llm) -> None:
     from transformers import AutoModelForCausalLM
 
     chat = [{"role": "user", "content": "What is the capital of Germany?"}]

@@ -13,7 +13,7 @@ pytestmark = [
 ]
 
 
-def test_default_model_on_cuda_answers_berlin_in_bf16(engine_factory) -> None:  # noqa: ANN001
+def test_default_model_on_cuda_answers_berlin_in_bf16(engine_factory) -> None:
     llm = engine_factory(device="cuda", max_total_tokens=4096)
     assert llm.scheduler.model_runner.dtype == torch.bfloat16
     chat = [{"role": "user", "content": "What is the capital of Germany?"}]

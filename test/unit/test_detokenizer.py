@@ -14,14 +14,15 @@ import os
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 from lmprog.runtime.managers import detokenizer as detok_module
 from lmprog.runtime.managers.detokenizer import (
     IncrementalDetokenizer,
     OutputText,
     StopStringMatcher,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 CORPUS = [
     "Berlin is the capital of Germany. The quick brown fox jumps over the lazy dog.",

@@ -69,8 +69,9 @@ def test_req_to_token_pool_slots_and_rows() -> None:
 
 
 def test_kv_pool_write_and_copy() -> None:
-    pool = TokenToKVPool(8, 1, num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32,
-                         device="cpu")
+    pool = TokenToKVPool(
+        8, 1, num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu"
+    )
     k = torch.randn(2, 2, 4)
     pool.set_kv_buffer(1, torch.tensor([3, 5]), k, -k)
     pool.copy_slots(torch.tensor([3, 5]), torch.tensor([6, 7]))
@@ -90,7 +91,7 @@ class _Req:
         self.last_node = None
 
 
-def _chunk_cache(size: int = 16, page_size: int = 1):  # noqa: ANN202
+def _chunk_cache(size: int = 16, page_size: int = 1):
     a = TokenToKVPoolAllocator(size, page_size)
     p = ReqToTokenPool(4, 32, "cpu")
     return a, p, ChunkCache(p, a)

@@ -19,11 +19,11 @@ from lmprog.runtime.model_loader import (
     ALIASES,
     ModelSource,
     cache_dir,
+    gguf_loader,
     load_model,
     load_tokenizer,
     resolve_model,
 )
-from lmprog.runtime.model_loader import gguf_loader
 from lmprog.runtime.model_loader.aliases import Alias
 from lmprog.runtime.model_loader.gguf_loader import GGUFCheckpoint
 

@@ -12,14 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lmprog
 import pytest
 import torch
+
+import lmprog
 from lmprog.runtime.layers.sampler import Sampler, SamplerOutput
-from lmprog.runtime.sampling.seeded_random import log_exponentials, mix64
 from lmprog.runtime.sampling.penalties import PenaltyInputs, apply_penalties_
 from lmprog.runtime.sampling.sampling_batch_info import SamplingBatchInfo
 from lmprog.runtime.sampling.sampling_params import SamplingParams
+from lmprog.runtime.sampling.seeded_random import log_exponentials, mix64
 
 CPU = torch.device("cpu")
 DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -73,8 +73,11 @@ class ServerArgs:
             ("max_prefill_tokens", self.max_prefill_tokens >= 1, ">= 1"),
             ("kv_cache_bytes", self.kv_cache_bytes > 0, "> 0"),
             ("mem_fraction_static", 0 < self.mem_fraction_static <= 1, "in (0, 1]"),
-            ("dtype", self.dtype in ("auto", "float32", "bfloat16", "float16"),
-             "one of auto, float32, bfloat16, float16"),
+            (
+                "dtype",
+                self.dtype in ("auto", "float32", "bfloat16", "float16"),
+                "one of auto, float32, bfloat16, float16",
+            ),
             ("device", self.device in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
             ("schedule_policy", self.schedule_policy in ("fcfs",), "one of fcfs"),
         ]

@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from lmprog.runtime.engine.outputs import (
-    CompletionOutput, Logprob, RequestMetrics, RequestOutput,
+    CompletionOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
 )
 from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
 from lmprog.runtime.managers.schedule_batch import Req
@@ -29,8 +32,12 @@ class LLM:
     `model`, `tokenizer` and `tensor_parallel_size` are accepted under vLLM's names."""
 
     def __init__(
-        self, model: str = DEFAULT_MODEL, *, tokenizer: str | None = None,
-        tensor_parallel_size: int = 1, **engine_args: Any,
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        tokenizer: str | None = None,
+        tensor_parallel_size: int = 1,
+        **engine_args: Any,
     ) -> None:
         if tensor_parallel_size != 1:
             raise ValueError(
@@ -71,8 +78,11 @@ class LLM:
         inputs = []
         for conv in conversations:
             text = self.tokenizer.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template, **(chat_template_kwargs or {}),
+                conv,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+                **(chat_template_kwargs or {}),
             )
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             inputs.append((text, ids))
@@ -94,7 +104,9 @@ class LLM:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 return self._tokenize(prompt["prompt"])
-            raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}")
+            raise ValueError(
+                f"a prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}"
+            )
         return None, [int(t) for t in prompt]
 
     def _run(
@@ -145,8 +157,9 @@ class LLM:
                         if bar is not None:
                             bar.update(1)
             if bar is not None:
-                bar.set_postfix_str(f"output {n_out / (time.perf_counter() - start):.1f} tok/s",
-                                    refresh=False)
+                bar.set_postfix_str(
+                    f"output {n_out / (time.perf_counter() - start):.1f} tok/s", refresh=False
+                )
         if bar is not None:
             bar.close()
         return finished
@@ -187,15 +200,20 @@ def _completion(req: Req, tokenizer: Any) -> CompletionOutput:
     if req.logprobs is not None:
         logprobs = []
         for token, (chosen, top) in zip(req.output_ids, req.logprobs):
-            entry = {tid: Logprob(lp, rank, tokenizer.decode([tid]))
-                     for rank, (tid, lp) in enumerate(top.items(), start=1)}
+            entry = {
+                tid: Logprob(lp, rank, tokenizer.decode([tid]))
+                for rank, (tid, lp) in enumerate(top.items(), start=1)
+            }
             if token not in entry:
                 entry[token] = Logprob(chosen, None, tokenizer.decode([token]))
             logprobs.append(entry)
     reason = req.finished_reason
     return CompletionOutput(
-        index=req.index, text=req.output_text.text, token_ids=list(req.output_ids),
-        cumulative_logprob=req.cumulative_logprob, logprobs=logprobs,
+        index=req.index,
+        text=req.output_text.text,
+        token_ids=list(req.output_ids),
+        cumulative_logprob=req.cumulative_logprob,
+        logprobs=logprobs,
         finish_reason=reason.kind if reason else None,
         stop_reason=reason.matched if reason else None,
     )
@@ -206,15 +224,24 @@ def _request_output(rid: str, seqs: list[Req], tokenizer: Any) -> RequestOutput:
     first = seqs[0]
     t = first.times
     metrics = RequestMetrics(
-        arrival_time=t.arrival, first_scheduled_time=t.first_scheduled,
-        first_token_time=min((s.times.first_token for s in seqs if s.times.first_token), default=None),
+        arrival_time=t.arrival,
+        first_scheduled_time=t.first_scheduled,
+        first_token_time=min(
+            (s.times.first_token for s in seqs if s.times.first_token), default=None
+        ),
         last_token_time=max((s.times.last_token for s in seqs if s.times.last_token), default=None),
         finished_time=max(s.times.finished for s in seqs if s.times.finished),
     )
-    errors = [s.finished_reason.message for s in seqs if s.finished_reason and s.finished_reason.message]
+    errors = [
+        s.finished_reason.message for s in seqs if s.finished_reason and s.finished_reason.message
+    ]
     return RequestOutput(
-        request_id=rid, prompt=first.input_text, prompt_token_ids=list(first.origin_input_ids),
-        outputs=[_completion(s, tokenizer) for s in seqs], finished=True,
-        num_cached_tokens=first.num_cached_tokens, metrics=metrics,
+        request_id=rid,
+        prompt=first.input_text,
+        prompt_token_ids=list(first.origin_input_ids),
+        outputs=[_completion(s, tokenizer) for s in seqs],
+        finished=True,
+        num_cached_tokens=first.num_cached_tokens,
+        metrics=metrics,
         error=errors[0] if errors else None,
     )

@@ -48,7 +48,6 @@ def fast_linear(
     return F.linear(x, weight, bias)
 
 
-
 def uninitialized(module_cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
     """`module_cls(*args)` with uninitialized weights, on the current default device.
 

@@ -100,10 +100,16 @@ class Req:
     def fork(self, index: int, seed: int, output_text: OutputText) -> Req:
         """A sibling continuation of the same prompt (shares nothing mutable with self)."""
         return Req(
-            rid=self.rid, origin_input_ids=self.origin_input_ids,
-            sampling_params=self.sampling_params, seed=seed, max_new_tokens=self.max_new_tokens,
-            output_text=output_text, eos_token_ids=self.eos_token_ids,
-            input_text=self.input_text, index=index, num_cached_tokens=self.num_cached_tokens,
+            rid=self.rid,
+            origin_input_ids=self.origin_input_ids,
+            sampling_params=self.sampling_params,
+            seed=seed,
+            max_new_tokens=self.max_new_tokens,
+            output_text=output_text,
+            eos_token_ids=self.eos_token_ids,
+            input_text=self.input_text,
+            index=index,
+            num_cached_tokens=self.num_cached_tokens,
             times=ReqTimes(self.times.arrival, self.times.first_scheduled),
         )
 
@@ -137,6 +143,11 @@ def build_forward_batch(
         start += s - p
         r.kv_len = s
     return ForwardBatch.build(
-        mode, input_ids, [r.req_pool_idx for r in reqs], prefix_lens,
-        [s - p for p, s in zip(prefix_lens, seq_lens)], out_cache_loc, device,
+        mode,
+        input_ids,
+        [r.req_pool_idx for r in reqs],
+        prefix_lens,
+        [s - p for p, s in zip(prefix_lens, seq_lens)],
+        out_cache_loc,
+        device,
     )

@@ -38,8 +38,7 @@ class PrefillAdder:
         The first request of a batch may exceed the token budget: there is no chunking yet."""
         n = req.sampling_params.n
         extend = len(req.origin_input_ids) - cached_len
-        need = kv_need(len(req.origin_input_ids), cached_len, n, req.max_new_tokens,
-                       self.page_size)
+        need = kv_need(len(req.origin_input_ids), cached_len, n, req.max_new_tokens, self.page_size)
         if n > self.free_req_slots or need > self.free_kv_tokens:
             return False
         if self.admitted and extend > self.budget:

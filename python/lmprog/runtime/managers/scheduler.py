@@ -79,7 +79,10 @@ class Scheduler:
 
     def _eos_ids(self) -> set[int]:
         ids = set()
-        for source in (self.model_runner.config, getattr(self.model_runner.loaded, "generation_config", None)):
+        for source in (
+            self.model_runner.config,
+            getattr(self.model_runner.loaded, "generation_config", None),
+        ):
             eos = getattr(source, "eos_token_id", None)
             ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -87,11 +90,16 @@ class Scheduler:
         return ids
 
     # ---- requests in ----------------------------------------------------------------------
-    def validate(self, input_ids: list[int], params) -> int:  # noqa: ANN001
+    def validate(self, input_ids: list[int], params) -> int:
         args = self.server_args
         return validate_request(
-            input_ids, params, self.vocab_size, self.context_len,
-            self.model_runner.max_total_tokens, args.page_size, args.max_logprobs,
+            input_ids,
+            params,
+            self.vocab_size,
+            self.context_len,
+            self.model_runner.max_total_tokens,
+            args.page_size,
+            args.max_logprobs,
         )
 
     def add_request(self, recv: TokenizedGenerateReqInput) -> None:
@@ -99,17 +107,26 @@ class Scheduler:
         max_new = self.validate(recv.input_ids, params)
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
         req = Req(
-            rid=recv.rid, origin_input_ids=list(recv.input_ids), sampling_params=params,
-            seed=seed, max_new_tokens=max_new, output_text=self._output_text(recv.input_ids, params),
-            eos_token_ids=self.eos_token_ids, input_text=recv.input_text,
+            rid=recv.rid,
+            origin_input_ids=list(recv.input_ids),
+            sampling_params=params,
+            seed=seed,
+            max_new_tokens=max_new,
+            output_text=self._output_text(recv.input_ids, params),
+            eos_token_ids=self.eos_token_ids,
+            input_text=recv.input_text,
         )
         req.times.arrival = recv.arrival_time
         self.waiting.append(req)
 
-    def _output_text(self, prompt_ids: list[int], params) -> OutputText:  # noqa: ANN001
+    def _output_text(self, prompt_ids: list[int], params) -> OutputText:
         return OutputText(
-            self.tokenizer, prompt_ids, params.stop or [], params.include_stop_str_in_output,
-            params.skip_special_tokens, params.spaces_between_special_tokens,
+            self.tokenizer,
+            prompt_ids,
+            params.stop or [],
+            params.include_stop_str_in_output,
+            params.skip_special_tokens,
+            params.spaces_between_special_tokens,
         )
 
     def abort_request(self, rid: str) -> None:
@@ -156,7 +173,8 @@ class Scheduler:
         reserved = sum(r.reserved_tokens for r in self.running)
         adder = PrefillAdder(
             self.allocator.available_size() + self.tree_cache.evictable_size - reserved,
-            args.max_prefill_tokens, args.max_running_requests - len(self.running),
+            args.max_prefill_tokens,
+            args.max_running_requests - len(self.running),
             args.page_size,
         )
         for req in order_waiting(self.waiting, args.schedule_policy):
@@ -168,7 +186,7 @@ class Scheduler:
             self.waiting.remove(req)
         return adder.admitted
 
-    def _admit(self, req: Req, match) -> None:  # noqa: ANN001
+    def _admit(self, req: Req, match) -> None:
         req.req_pool_idx = self.req_to_token_pool.alloc()
         assert req.req_pool_idx is not None, "admission counted request slots wrongly"
         req.prefix_indices, req.last_node = match.kv_indices, match.last_node
@@ -184,11 +202,17 @@ class Scheduler:
         if batch.mode.is_extend:
             rows = [seq for req in batch.reqs for seq in self._fork(req)]
             counts = torch.tensor([r.sampling_params.n for r in batch.reqs], device=logits.device)
-            logits = logits.repeat_interleave(counts, dim=0) if len(rows) > len(batch.reqs) else logits
+            logits = (
+                logits.repeat_interleave(counts, dim=0) if len(rows) > len(batch.reqs) else logits
+            )
         info = SamplingBatchInfo.from_rows(
-            [r.sampling_params for r in rows], [r.seed for r in rows],
-            [r.output_ids for r in rows], [r.origin_input_ids for r in rows],
-            self.eos_token_ids, self.vocab_size, logits.device,
+            [r.sampling_params for r in rows],
+            [r.seed for r in rows],
+            [r.output_ids for r in rows],
+            [r.origin_input_ids for r in rows],
+            self.eos_token_ids,
+            self.vocab_size,
+            logits.device,
         )
         out = self.sampler(logits, info)
         next_ids = out.next_token_ids.tolist()
@@ -206,7 +230,7 @@ class Scheduler:
             self.running = [r for r in self.running if not r.finished]
         return rows
 
-    def _record_logprobs(self, req: Req, row: int, token: int, out) -> None:  # noqa: ANN001
+    def _record_logprobs(self, req: Req, row: int, token: int, out) -> None:
         k = req.sampling_params.logprobs
         chosen = float(out.logprobs[row])
         top: dict[int, float] = {}
@@ -230,7 +254,11 @@ class Scheduler:
         tail = req.kv_len - shared
         row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
         for i in range(1, n):
-            child = req.fork(i, derive_seed(req.seed, i), self._output_text(req.origin_input_ids, req.sampling_params))
+            child = req.fork(
+                i,
+                derive_seed(req.seed, i),
+                self._output_text(req.origin_input_ids, req.sampling_params),
+            )
             child.req_pool_idx = self.req_to_token_pool.alloc()
             child.prefix_indices, child.last_node = req.prefix_indices, req.last_node
             self.tree_cache.inc_lock_ref(child.last_node)
@@ -284,7 +312,9 @@ class Scheduler:
         s = self.kv_stats()
         if self.server_args.page_size == 1:
             # With pages, partly used pages make the running-side sum inexact.
-            assert s["free"] + s["evictable"] + s["protected"] + s["held_by_requests"] == s["total"], s
+            assert (
+                s["free"] + s["evictable"] + s["protected"] + s["held_by_requests"] == s["total"]
+            ), s
         if not self.has_work():
             assert s["free"] + s["evictable"] + s["protected"] == s["total"], s
             assert s["protected"] == 0, f"locks held while idle: {s}"

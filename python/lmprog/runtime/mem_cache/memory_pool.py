@@ -84,7 +84,10 @@ class TokenToKVPool:
 
     @staticmethod
     def bytes_per_token(
-        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
         v_head_dim: int | None = None,
     ) -> int:
         elem = torch.empty((), dtype=dtype).element_size()

@@ -45,7 +45,10 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(server_args.attention_backend)
         logger.info(
             "loaded %s in %.1fs: context %d, KV pool %d tokens",
-            server_args.model_path, self.load_seconds, self.context_len, self.max_total_tokens,
+            server_args.model_path,
+            self.load_seconds,
+            self.context_len,
+            self.max_total_tokens,
         )
 
     def _build_model(self) -> torch.nn.Module:
@@ -61,7 +64,9 @@ class ModelRunner:
         wanted = self.server_args.max_model_len
         if wanted is None:
             if not native:
-                raise ValueError("the model config has no max_position_embeddings: set max_model_len")
+                raise ValueError(
+                    "the model config has no max_position_embeddings: set max_model_len"
+                )
             return native
         return wanted
 
@@ -89,7 +94,12 @@ class ModelRunner:
         self.allocator = TokenToKVPoolAllocator(self._pool_tokens(bpt), args.page_size, self.device)
         self.max_total_tokens = self.allocator.size
         self.token_to_kv_pool = TokenToKVPool(
-            self.max_total_tokens, args.page_size, layers, kv_heads, head_dim, self.dtype,
+            self.max_total_tokens,
+            args.page_size,
+            layers,
+            kv_heads,
+            head_dim,
+            self.dtype,
             self.device,
         )
         self.req_to_token_pool = ReqToTokenPool(

@@ -32,24 +32,40 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward_extend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor: ...
 
     @abstractmethod
     def forward_decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor: ...
 
     @abstractmethod
     def forward_encode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor: ...
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         mode = forward_batch.forward_mode
@@ -64,8 +80,13 @@ class RadixAttention(nn.Module):
     """The attention layer models use: shapes and scaling here, the work in the step's backend."""
 
     def __init__(
-        self, layer_id: int, num_heads: int, head_dim: int, num_kv_heads: int,
-        scaling: float | None = None, v_head_dim: int | None = None,
+        self,
+        layer_id: int,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scaling: float | None = None,
+        v_head_dim: int | None = None,
     ) -> None:
         super().__init__()
         assert num_heads % num_kv_heads == 0, f"{num_heads} heads, {num_kv_heads} kv heads"

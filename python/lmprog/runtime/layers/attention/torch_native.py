@@ -153,7 +153,11 @@ class TorchNativeAttnBackend(AttentionBackend):
         )
 
     def forward_extend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         fb, md = forward_batch, forward_batch.attn_metadata
@@ -163,32 +167,52 @@ class TorchNativeAttnBackend(AttentionBackend):
             return self._attend(q, k, v, layer, md, is_causal=True)
         keys, values = self._gather_kv(layer, fb, md)
         out = F.scaled_dot_product_attention(
-            self._pad_queries(q, md), keys.to(q.dtype), values.to(q.dtype),
-            attn_mask=md.mask(q.dtype), scale=layer.scaling,
+            self._pad_queries(q, md),
+            keys.to(q.dtype),
+            values.to(q.dtype),
+            attn_mask=md.mask(q.dtype),
+            scale=layer.scaling,
             enable_gqa=layer.num_heads != layer.num_kv_heads,
         )
         return self._unpad(out, md)
 
     def forward_encode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         return self._attend(q, k, v, layer, forward_batch.attn_metadata, is_causal=False)
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
-        md: _Metadata, is_causal: bool,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        md: _Metadata,
+        is_causal: bool,
     ) -> torch.Tensor:
         """Attention within each request's new tokens only (encode; prefill with no prefix)."""
         out = F.scaled_dot_product_attention(
-            self._pad_queries(q, md), self._pad_queries(k, md), self._pad_queries(v, md),
-            attn_mask=md.mask(q.dtype), is_causal=is_causal, scale=layer.scaling,
+            self._pad_queries(q, md),
+            self._pad_queries(k, md),
+            self._pad_queries(v, md),
+            attn_mask=md.mask(q.dtype),
+            is_causal=is_causal,
+            scale=layer.scaling,
             enable_gqa=layer.num_heads != layer.num_kv_heads,
         )
         return self._unpad(out, md)
 
     def forward_decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         fb, md = forward_batch, forward_batch.attn_metadata
@@ -199,7 +223,11 @@ class TorchNativeAttnBackend(AttentionBackend):
         # SDPA's CPU kernel reads the gathered K/V through their strides (no transpose copy)
         # and handles grouped-query heads without repeating K/V.
         out = F.scaled_dot_product_attention(
-            q[:, :, None], keys.to(q.dtype), values.to(q.dtype), attn_mask=md.mask(q.dtype),
-            scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads,
+            q[:, :, None],
+            keys.to(q.dtype),
+            values.to(q.dtype),
+            attn_mask=md.mask(q.dtype),
+            scale=layer.scaling,
+            enable_gqa=layer.num_heads != layer.num_kv_heads,
         )  # [B, H, 1, Dv]
         return out.reshape(b, layer.num_heads * layer.v_head_dim)
