@@ -19,7 +19,7 @@ _LAZY = {
     "ServerArgs": "lmprog.runtime.server_args",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["CompletionOutput", "LLM", "RequestMetrics", "RequestOutput", "SamplingParams", "ServerArgs"]
 
 
 def __getattr__(name: str) -> Any:
