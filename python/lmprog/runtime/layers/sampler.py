@@ -40,6 +40,7 @@ that costs a device sync.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -130,14 +131,7 @@ class Sampler:
         if width == vocab:
             return tokens
         inexact = (~exact).nonzero().squeeze(1)  # NOTE: a device sync.
-        if inexact.numel() == tokens.numel():  # all rows: skip copying them
-            return _sample_wide(scaled, keys, trunc, log_norm)
-        if inexact.numel():
-            sub_norm = None if log_norm is None else log_norm[inexact]
-            tokens[inexact] = _sample_wide(
-                scaled[inexact], keys[inexact], trunc.rows(inexact), sub_norm
-            )
-        return tokens
+        return _resample_rows(tokens, inexact, _sample_wide, scaled, keys, trunc, log_norm)
 
     def _first_width(self, info: SamplingBatchInfo, vocab: int) -> int:
         """How many top candidates truncated rows try first."""
@@ -297,13 +291,25 @@ def _sample_wide(
         width = int(sub.top_k.max())
         tokens[by_k], _ = _sample_top(scaled[by_k], keys[by_k], sub, sub_norm, width)
     by_floor = (~top_k_on).nonzero().squeeze(1)
-    if by_floor.numel() == tokens.numel():
-        return _sample_above_floor(scaled, keys, trunc, log_norm)
-    if by_floor.numel():
-        sub_norm = None if log_norm is None else log_norm[by_floor]
-        tokens[by_floor] = _sample_above_floor(
-            scaled[by_floor], keys[by_floor], trunc.rows(by_floor), sub_norm
-        )
+    return _resample_rows(tokens, by_floor, _sample_above_floor, scaled, keys, trunc, log_norm)
+
+
+def _resample_rows(
+    tokens: torch.Tensor,
+    rows: torch.Tensor,
+    sample: Callable[..., torch.Tensor],
+    scaled: torch.Tensor,
+    keys: torch.Tensor,
+    trunc: _Truncation,
+    log_norm: torch.Tensor | None,
+) -> torch.Tensor:
+    """`tokens` with `rows` replaced by what `sample` draws for them alone (when every row is
+    named, the rows are not copied out first)."""
+    if rows.numel() == tokens.numel():
+        return sample(scaled, keys, trunc, log_norm)
+    if rows.numel():
+        sub_norm = None if log_norm is None else log_norm[rows]
+        tokens[rows] = sample(scaled[rows], keys[rows], trunc.rows(rows), sub_norm)
     return tokens
 
 
