@@ -51,6 +51,11 @@ class TokenToKVPoolAllocator:
             slots = slots[:num_tokens]
         return slots.to(self.device)
 
+    def extend_need(self, prefix_lens: list[int], seq_lens: list[int]) -> int:
+        """Free slots `alloc_extend` takes for these requests (whole new pages)."""
+        p = self.page_size
+        return p * sum(-(-s // p) - -(-pre // p) for pre, s in zip(prefix_lens, seq_lens))
+
     def alloc_extend(
         self, prefix_lens: list[int], seq_lens: list[int], last_locs: list[int]
     ) -> torch.Tensor | None:
@@ -62,8 +67,7 @@ class TokenToKVPoolAllocator:
         if self.page_size == 1:
             return self.alloc(sum(s - p for p, s in zip(prefix_lens, seq_lens)))
         p = self.page_size
-        need_pages = sum(-(-s // p) - -(-pre // p) for pre, s in zip(prefix_lens, seq_lens))
-        pages = self._take_pages(need_pages)
+        pages = self._take_pages(self.extend_need(prefix_lens, seq_lens) // p)
         if pages is None:
             return None
         out: list[torch.Tensor] = []
@@ -88,6 +92,10 @@ class TokenToKVPoolAllocator:
         pages = torch.unique(slots.to("cpu", torch.int64) // self.page_size)
         assert int(pages.min()) >= 1, "freeing the padding page"
         self._free_pages = torch.cat([self._free_pages, pages])
+
+    def is_free(self, pages: torch.Tensor) -> torch.Tensor:
+        """Per page number: whether that page is in the free list."""
+        return torch.isin(pages.to("cpu", torch.int64), self._free_pages)
 
     def check_integrity(self) -> None:
         pages = self._free_pages
