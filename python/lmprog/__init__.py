@@ -19,7 +19,14 @@ _LAZY = {
     "ServerArgs": "lmprog.runtime.server_args",
 }
 
-__all__ = ["LLM", "CompletionOutput", "RequestMetrics", "RequestOutput", "SamplingParams", "ServerArgs"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+    "ServerArgs",
+]
 
 
 def __getattr__(name: str) -> Any:

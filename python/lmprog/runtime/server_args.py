@@ -54,7 +54,17 @@ class ServerArgs:
     max_prefill_tokens: int = field(
         default=8192, metadata={"help": "Token budget of one prefill batch."}
     )
-    schedule_policy: str = field(default="fcfs", metadata={"help": "Waiting-queue order: fcfs."})
+    chunked_prefill_size: int = field(
+        default=2048,
+        metadata={"help": "Longest prompt chunk prefilled in one step; -1 disables chunking."},
+    )
+    schedule_policy: str = field(
+        default="fcfs",
+        metadata={"help": "Waiting-queue order: fcfs, lpm (longest cached prefix), dfs-weight."},
+    )
+    disable_radix_cache: bool = field(
+        default=False, metadata={"help": "Reuse no KV across requests (no prefix cache)."}
+    )
     attention_backend: str = field(
         default="torch_native", metadata={"help": "Attention implementation: torch_native."}
     )
@@ -65,6 +75,10 @@ class ServerArgs:
         default=None, metadata={"help": "torch threads for the model on CPU (default: all cores)."}
     )
     max_logprobs: int = field(default=20, metadata={"help": "Most top logprobs per token."})
+    debug_checks: bool = field(
+        default=False,
+        metadata={"help": "Check KV accounting and the prefix cache whenever the engine idles."},
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -79,7 +93,16 @@ class ServerArgs:
                 "one of auto, float32, bfloat16, float16",
             ),
             ("device", self.device in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
-            ("schedule_policy", self.schedule_policy in ("fcfs",), "one of fcfs"),
+            (
+                "schedule_policy",
+                self.schedule_policy in ("fcfs", "lpm", "dfs-weight"),
+                "one of fcfs, lpm, dfs-weight",
+            ),
+            (
+                "chunked_prefill_size",
+                self.chunked_prefill_size == -1 or self.chunked_prefill_size >= self.page_size,
+                f"-1 (off) or >= page_size ({self.page_size})",
+            ),
         ]
         if self.max_total_tokens is not None:
             checks.append(("max_total_tokens", self.max_total_tokens >= 1, ">= 1"))

@@ -92,6 +92,19 @@ class LLM:
         """KV accounting (total, free, evictable, protected slots; running/waiting requests)."""
         return self.scheduler.kv_stats()
 
+    def get_cache_stats(self) -> dict[str, float]:
+        """Prefix-cache counters since start: prompt tokens queried, found cached, hit rate."""
+        st = self.scheduler.stats
+        return {
+            "query_tokens": st.cache_query_tokens,
+            "hit_tokens": st.cache_hit_tokens,
+            "hit_rate": st.cache_hit_rate,
+        }
+
+    def reset_prefix_cache(self) -> bool:
+        """Drops every cached prefix (all KV slots free again); False while requests run."""
+        return self.scheduler.flush_cache()
+
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
 

@@ -11,6 +11,7 @@ Token bookkeeping of a running request:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,6 @@ from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from lmprog.runtime.managers.detokenizer import OutputText
-    from lmprog.runtime.mem_cache.allocator import TokenToKVPoolAllocator
     from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool
 
 
@@ -69,9 +69,8 @@ class Req:
         return self.finished_reason is not None
 
     @property
-    def reserved_tokens(self) -> int:
-        """KV slots this request may still need until it ends (the admission reservation)."""
-        return len(self.origin_input_ids) + self.max_new_tokens - self.kv_len
+    def remaining_new_tokens(self) -> int:
+        return self.max_new_tokens - len(self.output_ids)
 
     def append_token(self, token_id: int, context_len: int) -> None:
         """Records a sampled token and decides whether the sequence is finished."""
@@ -117,37 +116,40 @@ class Req:
 def build_forward_batch(
     mode: ForwardMode,
     reqs: list[Req],
+    ends: list[int],
     req_to_token_pool: ReqToTokenPool,
-    allocator: TokenToKVPoolAllocator,
+    alloc_extend: Callable[[list[int], list[int], list[int]], torch.Tensor | None],
     device: torch.device,
 ) -> ForwardBatch | None:
-    """Allocates KV for the new tokens of `reqs` and records it; None if the pool is too full.
+    """Allocates KV for fill_ids[kv_len:end] of each request and records it; None (nothing
+    allocated) if the pool is too full.
 
-    Extend computes fill_ids[kv_len:] of each request; decode computes its last sampled token.
-    On success every request's `kv_len` covers the new tokens.
+    Extend computes a prompt, or a chunk of one; decode computes each request's last sampled
+    token (end = kv_len + 1). On success every request's `kv_len` is its `end`.
     """
     prefix_lens = [r.kv_len for r in reqs]
-    seq_lens = [len(r.fill_ids) for r in reqs]
     if mode.is_decode:
-        assert all(s == p + 1 for p, s in zip(prefix_lens, seq_lens)), "decode of a stale req"
+        assert all(e == p + 1 == len(r.fill_ids) for r, p, e in zip(reqs, prefix_lens, ends)), (
+            "decode of a stale request"
+        )
     row = req_to_token_pool.req_to_token
     last_locs = [int(row[r.req_pool_idx, r.kv_len - 1]) if r.kv_len else 0 for r in reqs]
-    out_cache_loc = allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
+    out_cache_loc = alloc_extend(prefix_lens, ends, last_locs)
     if out_cache_loc is None:
         return None
     input_ids: list[int] = []
     start = 0
-    for r, p, s in zip(reqs, prefix_lens, seq_lens):
-        input_ids.extend(r.fill_ids[p:s])
-        req_to_token_pool.write(r.req_pool_idx, p, out_cache_loc[start : start + s - p])
-        start += s - p
-        r.kv_len = s
+    for r, p, e in zip(reqs, prefix_lens, ends):
+        input_ids.extend(r.fill_ids[p:e])
+        req_to_token_pool.write(r.req_pool_idx, p, out_cache_loc[start : start + e - p])
+        start += e - p
+        r.kv_len = e
     return ForwardBatch.build(
         mode,
         input_ids,
         [r.req_pool_idx for r in reqs],
         prefix_lens,
-        [s - p for p, s in zip(prefix_lens, seq_lens)],
+        [e - p for p, e in zip(prefix_lens, ends)],
         out_cache_loc,
         device,
     )

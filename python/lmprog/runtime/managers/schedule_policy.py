@@ -1,56 +1,59 @@
-"""Which waiting requests join the next prefill batch.
+"""In which order waiting requests are considered for the next prefill batch.
 
-Admission is conservative: a request is admitted only if the KV pool can hold everything it may
-still need (prompt + `n` x max_new_tokens) on top of what the running requests may still need, so
-a decode step can never run out of slots. (Retraction, which allows optimistic admission, comes
-with the radix cache.)
+- fcfs: arrival order (retracted requests go back to the front).
+- lpm: longest cached prefix first, so requests whose KV is cached run before it is evicted.
+- dfs-weight: the SGLang paper's order. Each waiting request sits at the tree node where its
+  cached prefix ends; a node's weight is the number of waiting requests at or below it. A
+  depth-first walk that enters heavier children first emits the requests, so requests of one
+  subtree are admitted together while their shared prefix is cached.
+
+The cache-aware policies need a prefix-sharing cache and match every waiting request; past
+`CACHE_AWARE_MAX_WAITING` waiting requests (or with the radix cache off) they fall back to fcfs,
+as matching all of them would cost more than it saves.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import defaultdict
 
 from lmprog.runtime.managers.schedule_batch import Req
+from lmprog.runtime.mem_cache.base import BasePrefixCache, MatchResult
+
+POLICIES = ("fcfs", "lpm", "dfs-weight")
+CACHE_AWARE_MAX_WAITING = 128
 
 
-def kv_need(prompt_len: int, cached_len: int, n: int, max_new_tokens: int, page_size: int) -> int:
-    """Most KV slots a request family can still take: its uncached prompt once, then `n`
-    continuations; each sequence may leave one page partly empty (+ page_size - 1), and each
-    continuation past the first copies the prompt's partial last page."""
-    slack = page_size - 1
-    return (prompt_len - cached_len + slack) + n * (max_new_tokens + slack) + (n - 1) * slack
+def prioritize(
+    waiting: list[Req], policy: str, cache: BasePrefixCache
+) -> tuple[list[Req], dict[Req, MatchResult]]:
+    """The waiting requests in admission order, and the prefix matches computed on the way."""
+    assert policy in POLICIES, policy
+    if policy == "fcfs" or not cache.shares_prefixes or len(waiting) > CACHE_AWARE_MAX_WAITING:
+        return waiting, {}
+    matches = {req: cache.match_prefix(req.fill_ids[:-1]) for req in waiting}
+    if policy == "lpm":
+        # sorted() is stable: equal matches keep arrival order.
+        return sorted(waiting, key=lambda r: -matches[r].kv_indices.numel()), matches
+    return _dfs_weight_order(waiting, matches), matches
 
 
-class PrefillAdder:
-    """Fills one prefill batch within the token budget, the free KV slots and request slots."""
-
-    def __init__(
-        self, free_kv_tokens: int, max_prefill_tokens: int, free_req_slots: int, page_size: int
-    ) -> None:
-        self.free_kv_tokens = free_kv_tokens
-        self.budget = max_prefill_tokens
-        self.free_req_slots = free_req_slots
-        self.page_size = page_size
-        self.admitted: list[Req] = []
-
-    def try_add(self, req: Req, cached_len: int) -> bool:
-        """Admits `req` (whose first `cached_len` prompt tokens are cached) if everything fits.
-        The first request of a batch may exceed the token budget: there is no chunking yet."""
-        n = req.sampling_params.n
-        extend = len(req.origin_input_ids) - cached_len
-        need = kv_need(len(req.origin_input_ids), cached_len, n, req.max_new_tokens, self.page_size)
-        if n > self.free_req_slots or need > self.free_kv_tokens:
-            return False
-        if self.admitted and extend > self.budget:
-            return False
-        self.free_req_slots -= n
-        self.free_kv_tokens -= need
-        self.budget -= extend
-        self.admitted.append(req)
-        return True
-
-
-def order_waiting(waiting: deque[Req], policy: str) -> list[Req]:
-    """The waiting queue in admission order for `policy` (fcfs: arrival order)."""
-    assert policy == "fcfs", policy
-    return list(waiting)
+def _dfs_weight_order(waiting: list[Req], matches: dict[Req, MatchResult]) -> list[Req]:
+    at_node: dict[object, list[Req]] = defaultdict(list)
+    for req in waiting:
+        at_node[matches[req].last_node].append(req)
+    # Weights only along the paths that lead to some waiting request.
+    weight: dict[object, int] = defaultdict(int)
+    root = None
+    for node, reqs in at_node.items():
+        while node is not None:
+            weight[node] += len(reqs)
+            root, node = node, node.parent
+    order: list[Req] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        order.extend(at_node.get(node, ()))
+        children = [c for c in node.children.values() if c in weight]
+        # Pushed lightest first, so the heaviest child is walked next.
+        stack.extend(sorted(children, key=lambda c: weight[c]))
+    return order

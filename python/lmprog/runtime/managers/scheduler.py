@@ -18,11 +18,22 @@ import torch
 from lmprog.runtime.layers.sampler import Sampler
 from lmprog.runtime.managers.detokenizer import OutputText
 from lmprog.runtime.managers.io_struct import FinishReason, TokenizedGenerateReqInput
+from lmprog.runtime.managers.prefill_adder import (
+    INIT_NEW_TOKEN_RATIO,
+    MIN_NEW_TOKEN_RATIO,
+    NEW_TOKEN_RATIO_DECAY,
+    AddResult,
+    PrefillAdder,
+    estimated_need,
+    num_seqs,
+    running_reserve,
+)
 from lmprog.runtime.managers.schedule_batch import Req, build_forward_batch
-from lmprog.runtime.managers.schedule_policy import PrefillAdder, order_waiting
+from lmprog.runtime.managers.schedule_policy import prioritize
 from lmprog.runtime.managers.validation import validate_request
 from lmprog.runtime.mem_cache.base import BasePrefixCache
 from lmprog.runtime.mem_cache.chunk_cache import ChunkCache
+from lmprog.runtime.mem_cache.radix_cache import RadixCache
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 from lmprog.runtime.model_executor.model_runner import ModelRunner
 from lmprog.runtime.sampling.sampling_batch_info import SamplingBatchInfo
@@ -31,6 +42,7 @@ from lmprog.runtime.server_args import ServerArgs
 logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
+_EMPTY = torch.empty(0, dtype=torch.int64)
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -49,6 +61,13 @@ class SchedulerStats:
     generated_tokens: int = 0
     prefill_steps: int = 0
     decode_steps: int = 0
+    cache_query_tokens: int = 0  # prompt tokens of admitted requests
+    cache_hit_tokens: int = 0  # of those, found in the prefix cache
+    retracted_requests: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cache_hit_tokens / self.cache_query_tokens if self.cache_query_tokens else 0.0
 
 
 @dataclass
@@ -69,12 +88,17 @@ class Scheduler:
         self.vocab_size = mr.vocab_size
         self.req_to_token_pool = mr.req_to_token_pool
         self.allocator = mr.allocator
-        self.tree_cache: BasePrefixCache = ChunkCache(self.req_to_token_pool, self.allocator)
+        cache_class = ChunkCache if server_args.disable_radix_cache else RadixCache
+        self.tree_cache: BasePrefixCache = cache_class(self.req_to_token_pool, self.allocator)
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(self._eos_ids())
         self.rng = random.Random(server_args.seed)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
+        self.chunked_req: Req | None = None  # a prompt being prefilled across batches
+        self._last_was_prefill = False
+        self._failed: list[Req] = []  # failed outside a batch; reported by the next step()
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.stats = SchedulerStats()
 
     def _eos_ids(self) -> set[int]:
@@ -131,60 +155,93 @@ class Scheduler:
 
     def abort_request(self, rid: str) -> None:
         """Ends request `rid` wherever it is; it is reported finished with reason 'abort'."""
-        for req in [*self.waiting, *self.running]:
+        for req in [*self.waiting, *self.running, *self._chunked()]:
             if req.rid == rid and not req.finished:
                 req.finish(FinishReason("abort", message="aborted by the client"))
 
     # ---- the loop -------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.chunked_req)
 
     def step(self) -> list[Req]:
         """Runs one step; returns the requests that gained a token or finished in it."""
         done = self._collect_aborted()
         batch = self.schedule()
-        if batch is None:
-            return done
-        logits = self.model_runner.forward(batch.forward_batch)
-        return done + self.process_batch_result(batch, logits)
+        done += self._failed
+        self._failed = []
+        if batch is not None:
+            logits = self.model_runner.forward(batch.forward_batch)
+            done += self.process_batch_result(batch, logits)
+        if self.server_args.debug_checks and not self.has_work():
+            self.check_integrity()
+        return done
 
     def schedule(self) -> ScheduledBatch | None:
-        prefill = self._schedule_prefill()
-        if prefill:
-            mode, reqs = ForwardMode.EXTEND, prefill
-        elif self.running:
-            mode, reqs = ForwardMode.DECODE, self.running
-        else:
-            return None
-        fb = build_forward_batch(mode, reqs, self.req_to_token_pool, self.allocator, self.device)
-        # Admission reserved every slot a running request may take, so this cannot fail.
-        assert fb is not None, f"KV pool exhausted in {mode.value}: {self.kv_stats()}"
-        if mode.is_extend:
-            self.stats.prefill_steps += 1
-            self.stats.prefill_tokens += fb.num_tokens
-        else:
-            self.stats.decode_steps += 1
-        return ScheduledBatch(mode, list(reqs), fb)
+        """The next batch: a prefill of admitted requests if any, else a decode step of every
+        running request. While a long prompt is prefilled in chunks, prefill and decode steps
+        alternate, so running requests keep streaming."""
+        interleave = self.chunked_req is not None and self.running and self._last_was_prefill
+        makers = (self._schedule_decode, self._schedule_prefill)
+        for make in makers if interleave else reversed(makers):
+            batch = make()
+            if batch is not None:
+                self._last_was_prefill = batch.mode.is_extend
+                return batch
+        return None
 
-    def _schedule_prefill(self) -> list[Req]:
-        if not self.waiting:
-            return []
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        if not self.waiting and self.chunked_req is None:
+            return None
         args = self.server_args
-        reserved = sum(r.reserved_tokens for r in self.running)
+        reserve = running_reserve(self.running, self.new_token_ratio, args.page_size)
+        chunk_size = args.chunked_prefill_size
         adder = PrefillAdder(
-            self.allocator.available_size() + self.tree_cache.evictable_size - reserved,
-            args.max_prefill_tokens,
-            args.max_running_requests - len(self.running),
-            args.page_size,
+            rem_tokens=self.allocator.available_size() + self.tree_cache.evictable_size - reserve,
+            budget=min(args.max_prefill_tokens, chunk_size)
+            if chunk_size > 0
+            else args.max_prefill_tokens,
+            free_req_slots=self.req_to_token_pool.available_size(),
+            page_size=args.page_size,
+            new_token_ratio=self.new_token_ratio,
+            chunk=chunk_size > 0,
+            dedupe=self.tree_cache.shares_prefixes,
         )
-        for req in order_waiting(self.waiting, args.schedule_policy):
-            match = self.tree_cache.match_prefix(req.origin_input_ids[:-1])
-            if not adder.try_add(req, match.kv_indices.numel()):
+        if self.chunked_req is not None:
+            # Its own reservation is part of `reserve` above.
+            adder.rem_tokens += estimated_need(
+                self.chunked_req, self.chunked_req.kv_len, self.new_token_ratio, args.page_size
+            )
+            if not adder.add_chunked(self.chunked_req):
+                return None
+        ordered, matches = prioritize(list(self.waiting), args.schedule_policy, self.tree_cache)
+        admitted = set()
+        for req in ordered:
+            if adder.full:
                 break
+            match = matches.get(req) or self.tree_cache.match_prefix(req.fill_ids[:-1])
+            lock_cost = self.tree_cache.lock_cost(match.last_node)
+            result = adder.try_add(req, match.kv_indices.numel(), lock_cost)
+            if result is AddResult.NO_ROOM:
+                break
+            if result is AddResult.DEFERRED:
+                continue
             self._admit(req, match)
-        for req in adder.admitted:
-            self.waiting.remove(req)
-        return adder.admitted
+            admitted.add(req)
+        if admitted:
+            self.waiting = deque(r for r in self.waiting if r not in admitted)
+        if not adder.reqs:
+            return None
+        batch = self._build(ForwardMode.EXTEND, adder.reqs, adder.ends)
+        if batch is None:
+            # Only a chunk continuation can miss room (running requests took it since its
+            # admission); it retries after the next decode step.
+            assert admitted == set(), f"admission overcommitted the KV pool: {self.kv_stats()}"
+            return None
+        last, last_end = adder.reqs[-1], adder.ends[-1]
+        self.chunked_req = last if last_end < len(last.fill_ids) else None
+        self.stats.prefill_steps += 1
+        self.stats.prefill_tokens += batch.forward_batch.num_tokens
+        return batch
 
     def _admit(self, req: Req, match) -> None:
         req.req_pool_idx = self.req_to_token_pool.alloc()
@@ -194,17 +251,104 @@ class Scheduler:
         n_cached = match.kv_indices.numel()
         if n_cached:
             self.req_to_token_pool.write(req.req_pool_idx, 0, match.kv_indices)
-        req.kv_len = req.num_cached_tokens = n_cached
-        req.times.first_scheduled = time.time()
+        req.kv_len = n_cached
+        if req.times.first_scheduled is None:  # first admission (not a retracted one's)
+            req.times.first_scheduled = time.time()
+            req.num_cached_tokens = n_cached
+            self.stats.cache_query_tokens += len(req.origin_input_ids)
+            self.stats.cache_hit_tokens += n_cached
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        if not self.running:
+            return None
+        self._make_room_for_decode()
+        if not self.running:
+            return None
+        self.new_token_ratio = max(
+            MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY
+        )
+        batch = self._build(ForwardMode.DECODE, self.running, [r.kv_len + 1 for r in self.running])
+        assert batch is not None, f"decode found no KV room after retraction: {self.kv_stats()}"
+        self.stats.decode_steps += 1
+        return batch
+
+    def _build(self, mode: ForwardMode, reqs: list[Req], ends: list[int]) -> ScheduledBatch | None:
+        fb = build_forward_batch(
+            mode, reqs, ends, self.req_to_token_pool, self._alloc_extend, self.device
+        )
+        return None if fb is None else ScheduledBatch(mode, list(reqs), fb)
+
+    def _alloc_extend(
+        self, prefix_lens: list[int], seq_lens: list[int], last_locs: list[int]
+    ) -> torch.Tensor | None:
+        """KV slots for these positions, evicting cached prefixes if the free list is short."""
+        short = self.allocator.extend_need(prefix_lens, seq_lens) - self.allocator.available_size()
+        if short > 0:
+            self.tree_cache.evict(short)
+        return self.allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
+
+    # ---- memory pressure ------------------------------------------------------------------
+    def _room(self) -> int:
+        return self.allocator.available_size() + self.tree_cache.evictable_size
+
+    def _make_room_for_decode(self) -> None:
+        """Retracts running requests until one decode step of the rest fits: those that made
+        the least progress go first (fewest generated tokens; then the longest prompt, which
+        frees the most). A request that cannot fit even alone is failed with an error."""
+
+        def need() -> int:
+            return self.allocator.extend_need(
+                [r.kv_len for r in self.running], [r.kv_len + 1 for r in self.running]
+            )
+
+        if need() <= self._room():
+            return
+        victims = sorted(self.running, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
+        if self.chunked_req is not None:
+            victims.insert(0, self.chunked_req)  # no output yet: the first to go
+        retracted = []
+        while need() > self._room():
+            if len(victims) == 1:
+                self.running.remove(victims[0])
+                self._fail_too_large(victims[0])
+                break
+            victim = victims.pop(0)
+            if victim is self.chunked_req:
+                self.chunked_req = None
+            else:
+                self.running.remove(victim)
+            self._retract(victim)
+            retracted.append(victim)
+        if retracted:
+            self.new_token_ratio = 1.0
+            # Back to the front of the queue, the most advanced first.
+            self.waiting.extendleft(retracted)
+            logger.info("KV pool full: retracted %d requests (%s)", len(retracted), self.kv_stats())
+
+    def _retract(self, req: Req) -> None:
+        """Sends a running request back to the waiting queue. It keeps its generated tokens;
+        its KV goes to the prefix cache (evictable), so it is recomputed only if evicted."""
+        self.tree_cache.cache_finished_req(req)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.kv_len = None, 0
+        req.prefix_indices, req.last_node = _EMPTY, None
+        self.stats.retracted_requests += 1
+
+    def _fail_too_large(self, req: Req) -> None:
+        message = (
+            f"the KV pool ({self.allocator.size} slots, max_total_tokens) cannot hold this "
+            f"request's next token: it has {req.kv_len + 1} tokens and nothing else runs"
+        )
+        req.finish(FinishReason("abort", message=message))
+        self._release(req)
+        self._failed.append(req)
 
     def process_batch_result(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[Req]:
         rows = batch.reqs
         if batch.mode.is_extend:
-            rows = [seq for req in batch.reqs for seq in self._fork(req)]
-            counts = torch.tensor([r.sampling_params.n for r in batch.reqs], device=logits.device)
-            logits = (
-                logits.repeat_interleave(counts, dim=0) if len(rows) > len(batch.reqs) else logits
-            )
+            rows, logits = self._after_prefill(batch.reqs, logits)
+            if not rows:
+                return []
         info = SamplingBatchInfo.from_rows(
             [r.sampling_params for r in rows],
             [r.seed for r in rows],
@@ -242,13 +386,31 @@ class Scheduler:
         req.logprobs.append((chosen, top))
         req.cumulative_logprob += chosen
 
+    def _after_prefill(
+        self, reqs: list[Req], logits: torch.Tensor
+    ) -> tuple[list[Req], torch.Tensor]:
+        """Caches what each request computed (so later requests reuse it even while this one
+        runs); returns the sequences to sample, with their logits rows. A chunk's request
+        samples nothing yet; an `n` > 1 request forks into its `n` sequences."""
+        for req in reqs:
+            self.tree_cache.cache_unfinished_req(req)
+        complete = [i for i, r in enumerate(reqs) if r.kv_len == len(r.fill_ids)]
+        if len(complete) < len(reqs):
+            logits = logits[complete]
+            reqs = [reqs[i] for i in complete]
+        counts = [num_seqs(r) for r in reqs]
+        rows = [seq for req in reqs for seq in self._fork(req)]
+        if len(rows) > len(reqs):
+            logits = logits.repeat_interleave(torch.tensor(counts, device=logits.device), dim=0)
+        return rows, logits
+
     def _fork(self, req: Req) -> list[Req]:
-        """After its prefill, a request with n > 1 forks into n sequences sharing the prompt's
-        KV slots (its page-aligned part; a partial last page is copied to each sibling)."""
-        n = req.sampling_params.n
+        """After its first prefill, a request with n > 1 forks into n sequences sharing the
+        prompt's KV slots, which the prefix cache holds (its page-aligned part; a partial last
+        page is copied to each sibling)."""
+        n = num_seqs(req)
         if n == 1:
             return [req]
-        self.tree_cache.cache_unfinished_req(req)
         family = [req]
         shared = req.prefix_indices.numel()
         tail = req.kv_len - shared
@@ -280,19 +442,31 @@ class Scheduler:
             self.req_to_token_pool.free(req.req_pool_idx)
             req.req_pool_idx = None
 
+    def _chunked(self) -> list[Req]:
+        return [self.chunked_req] if self.chunked_req is not None else []
+
     def _collect_aborted(self) -> list[Req]:
-        aborted = [r for r in self.waiting if r.finished]
-        aborted += [r for r in self.running if r.finished]
+        aborted = [r for r in [*self.waiting, *self.running, *self._chunked()] if r.finished]
         for req in aborted:
             self._release(req)
         if aborted:
             self.waiting = deque(r for r in self.waiting if not r.finished)
             self.running = [r for r in self.running if not r.finished]
+            if self.chunked_req is not None and self.chunked_req.finished:
+                self.chunked_req = None
         return aborted
+
+    def flush_cache(self) -> bool:
+        """Drops every cached prefix; refused (False) while requests are in flight."""
+        if self.has_work():
+            return False
+        self.tree_cache.reset()
+        assert self.allocator.available_size() == self.allocator.size, self.kv_stats()
+        return True
 
     # ---- accounting -----------------------------------------------------------------------
     def kv_stats(self) -> dict[str, int]:
-        held = sum(r.kv_len - r.prefix_indices.numel() for r in self.running)
+        held = sum(r.kv_len - r.prefix_indices.numel() for r in self.running + self._chunked())
         return {
             "total": self.allocator.size,
             "free": self.allocator.available_size(),

@@ -5,7 +5,7 @@ Each failure is a ValueError naming the field, the value and the limit; nothing 
 
 from __future__ import annotations
 
-from lmprog.runtime.managers.schedule_policy import kv_need
+from lmprog.runtime.managers.prefill_adder import kv_need
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 

@@ -42,6 +42,9 @@ class BasePrefixCache(ABC):
     """A cache of token-sequence prefixes to KV slots. Implementations: ChunkCache (no reuse),
     RadixCache (the radix tree)."""
 
+    # Whether a prefix cached for one request can serve another (cache-aware scheduling).
+    shares_prefixes: bool = False
+
     @abstractmethod
     def match_prefix(self, token_ids: list[int]) -> MatchResult: ...
 
@@ -52,6 +55,10 @@ class BasePrefixCache(ABC):
     @abstractmethod
     def dec_lock_ref(self, node: Any) -> None:
         """Undoes one inc_lock_ref of `node`."""
+
+    def lock_cost(self, node: Any) -> int:
+        """Evictable slots that `inc_lock_ref(node)` would protect (room admission loses)."""
+        return 0
 
     @abstractmethod
     def cache_unfinished_req(self, req: Req) -> None:

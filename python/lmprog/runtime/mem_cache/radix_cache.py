@@ -69,6 +69,8 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 class RadixCache(BasePrefixCache):
+    shares_prefixes = True
+
     def __init__(
         self,
         req_to_token_pool: ReqToTokenPool | None,
@@ -155,6 +157,13 @@ class RadixCache(BasePrefixCache):
                 self._protected += len(node.key)
             node.lock_ref += 1
             node = node.parent
+
+    def lock_cost(self, node: TreeNode | None) -> int:
+        cost = 0
+        while node is not None and node is not self.root and node.lock_ref == 0:
+            cost += len(node.key)
+            node = node.parent
+        return cost
 
     def dec_lock_ref(self, node: TreeNode | None) -> None:
         while node is not None and node is not self.root:
