@@ -14,15 +14,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-_ENGINES: list = []
+_ENGINES: dict[tuple, object] = {}
 
 
 def make_engine(**kwargs):
+    """The engine of this configuration, made on first use and shared by every test."""
     from lmprog import LLM
 
-    llm = LLM(**kwargs)
-    _ENGINES.append(llm)
-    return llm
+    key = tuple(sorted(kwargs.items()))
+    if key not in _ENGINES:
+        _ENGINES[key] = LLM(**kwargs)
+    return _ENGINES[key]
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +35,23 @@ def llm():
 
 @pytest.fixture(scope="session")
 def engine_factory():
-    """Makes extra engine configurations; each is integrity-checked after every test."""
+    """Gets an engine per configuration; each is integrity-checked after every test."""
     return make_engine
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _caches_flush_clean() -> Iterator[None]:
+    """At the end, flushing each engine's prefix cache must free every KV slot."""
+    yield
+    for engine in _ENGINES.values():
+        assert engine.reset_prefix_cache(), f"busy at the end: {engine.get_kv_stats()}"
+        stats = engine.get_kv_stats()
+        assert stats["free"] == stats["total"], f"slots lost after a flush: {stats}"
 
 
 @pytest.fixture(autouse=True)
 def _engines_balanced() -> Iterator[None]:
     yield
-    for engine in _ENGINES:
+    for engine in _ENGINES.values():
         assert not engine.scheduler.has_work(), f"left running: {engine.get_kv_stats()}"
         engine.check_integrity()

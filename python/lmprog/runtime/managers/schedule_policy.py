@@ -4,8 +4,9 @@
 - lpm: longest cached prefix first, so requests whose KV is cached run before it is evicted.
 - dfs-weight: the SGLang paper's order. Each waiting request sits at the tree node where its
   cached prefix ends; a node's weight is the number of waiting requests at or below it. A
-  depth-first walk that enters heavier children first emits the requests, so requests of one
-  subtree are admitted together while their shared prefix is cached.
+  depth-first walk enters heavier children first and emits a node's requests after its
+  subtree's, so requests of one subtree are admitted together while their shared prefix is
+  cached, deepest matches first.
 
 The cache-aware policies need a prefix-sharing cache and match every waiting request; past
 `CACHE_AWARE_MAX_WAITING` waiting requests (or with the radix cache off) they fall back to fcfs,
@@ -49,11 +50,15 @@ def _dfs_weight_order(waiting: list[Req], matches: dict[Req, MatchResult]) -> li
             weight[node] += len(reqs)
             root, node = node, node.parent
     order: list[Req] = []
-    stack = [root]
+    stack: list[tuple[object, bool]] = [(root, False)]
     while stack:
-        node = stack.pop()
-        order.extend(at_node.get(node, ()))
+        node, walked = stack.pop()
+        if walked:
+            order.extend(at_node.get(node, ()))
+            continue
+        stack.append((node, True))  # its own requests, once its children are done
         children = [c for c in node.children.values() if c in weight]
-        # Pushed lightest first, so the heaviest child is walked next.
-        stack.extend(sorted(children, key=lambda c: weight[c]))
+        # Pushed lightest first, so the heaviest child is walked next (ties: the older child).
+        ranked = sorted(reversed(children), key=lambda c: weight[c])
+        stack.extend((c, False) for c in ranked)
     return order

@@ -105,12 +105,13 @@ class RadixCache(BasePrefixCache):
             if child is None:
                 break
             n = self._match_len(child.key, key[pos : pos + len(child.key)])
-            if n < len(child.key):
+            partial = n < len(child.key)
+            if partial:
                 child = self._split(child, n)
             child.last_access = now
             values.append(child.value)
             node, pos = child, pos + n
-            if n < len(child.key):
+            if partial:
                 break
         kv = torch.cat(values) if values else _EMPTY
         return MatchResult(kv, node)
