@@ -1,21 +1,22 @@
 """Prefix sharing: the radix cache on vs off on SGLang-paper-shaped workloads through `LLM.generate`.
 
-    python benchmarks/bench_prefix_sharing.py                  # the full sizes below
-    python benchmarks/bench_prefix_sharing.py --quick          # ~8x smaller, a smoke run
+    python benchmarks/bench_prefix_sharing.py            # the full sizes below
+    python benchmarks/bench_prefix_sharing.py --quick    # ~8x smaller: a smoke run
 
-Workloads (each starts with a cold cache; token ids are built directly so prefixes match exactly):
+Workloads (each starts on a cold cache; prompts are token ids, so shared prefixes match exactly):
 - few-shot: one shared prefix of worked Q/A examples (~1,000 tokens), then 64 distinct questions,
   all in one generate() call; greedy, 16 tokens.
 - multi-turn: 8 conversations x 4 turns; turn k resends turn k-1's prompt + reply + a new user
-  message. One generate() call per round (all conversations' turn k); greedy, 32 tokens.
-- tree: a tree-of-thought-like program. A root prompt, then `--depth` levels below it; every node
-  gets `--branching` children (its prompt + its output + a "step i" message), one generate() call
+  message. One generate() call per round (every conversation's turn k); greedy, 32 tokens.
+- tree: a tree-of-thought-like program: a root prompt and `--depth` levels below it, each node
+  with `--branching` children (its prompt + its output + a "step i" message); one generate() call
   per level; temperature 0.7 with a fixed seed per request, 24 tokens.
 
-The optimal hit rate comes from the tokens themselves: per request, in submission order, the
-longest prefix shared with anything cacheable before it (earlier prompts; prompt + output[:-1] of
-requests from earlier generate() calls), capped at len(prompt) - 1, over the sum of prompt lengths.
-Targets: few-shot throughput with the cache >= 4x without; measured hit rate >= 95% of optimal.
+The optimal hit rate comes from the workload's own tokens: per request, in submission order, the
+longest prefix shared with anything cacheable before it (earlier prompts, and prompt + output[:-1]
+of requests from earlier generate() calls), capped at len(prompt) - 1, over the sum of prompt
+lengths. Targets: few-shot throughput with the cache >= 4x without; measured hit rate >= 95% of
+optimal on every workload. Greedy workloads must give the same tokens with the cache on and off.
 """
 
 from __future__ import annotations
@@ -28,27 +29,30 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lmprog import LLM, SamplingParams
+
 IM_END = 2  # `<|im_end|>`, SmolLM2's eos
-QUICK = {  # --quick: ~8x smaller; applies to flags left at their defaults
+QUICK = {  # --quick: ~8x smaller; applies to the size flags left at their defaults
     "prefix_tokens": 128,
     "num_questions": 8,
     "conversations": 2,
     "turns": 2,
+    "chat_max_tokens": 16,
     "depth": 2,
     "branching": 2,
-    "chat_max_tokens": 16,
     "tree_max_tokens": 12,
 }
 SPEEDUP_TARGET, HIT_RATIO_TARGET = 4.0, 0.95
 
 Round = list[tuple[list[int], list[int]]]  # one generate() call: (prompt ids, output ids) each
-Generate = Callable[[list[list[int]], list[Any]], list[list[int]]]
+Generate = Callable[[list[list[int]], list[SamplingParams]], list[list[int]]]
 
 
 @dataclass
 class Result:
     workload: str
     cache: str
+    note: str = ""
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
@@ -65,61 +69,8 @@ class Result:
         return self.generated_tokens / self.seconds
 
 
-# ---- workloads: each builds prompts and calls `gen` once per round ------------------------------
-def user_turn(tok: Any, text: str) -> list[int]:
-    """Ids that close an assistant reply and open the next one: `\\n<|im_start|>user\\n{text}
-    <|im_end|>\\n<|im_start|>assistant\\n`. The special tokens encode as single ids (checked)."""
-    ids = tok.encode(
-        f"\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
-    )
-    assert ids.count(IM_END) == 1, f"<|im_end|> did not encode as id {IM_END}: {ids}"
-    return ids
-
-
-def extend(tok: Any, prompt: list[int], output: list[int], text: str) -> list[int]:
-    """The next prompt: exactly `prompt + output` (closed with <|im_end|>) + a new user turn."""
-    closed = output if output and output[-1] == IM_END else [*output, IM_END]
-    return prompt + closed + user_turn(tok, text)
-
-
-def chat_prompt(tok: Any, text: str) -> list[int]:
-    msgs = [{"role": "user", "content": text}]
-    rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return tok.encode(rendered, add_special_tokens=False)
-
-
-def few_shot_prefix(tok: Any, target: int, rng: random.Random) -> list[int]:
-    """Worked arithmetic examples appended until the prefix reaches `target` tokens."""
-    text = "Answer each question. Show the sum, then the answer.\n\n"
-    while len(tok.encode(text, add_special_tokens=False)) < target:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        text += (
-            f"Question: Sam has {a} apples and buys {b} more. How many apples does Sam have?"
-            f"\nAnswer: {a} + {b} = {a + b}. The answer is {a + b}.\n\n"
-        )
-    return tok.encode(text, add_special_tokens=False)
-
-
-def run_few_shot(gen: Generate, tok: Any, args: argparse.Namespace) -> None:
-    from lmprog import SamplingParams
-
-    rng = random.Random(args.seed)
-    prefix = few_shot_prefix(tok, args.prefix_tokens, rng)
-    pairs = rng.sample(
-        [(a, b) for a in range(100, 1000, 7) for b in range(100, 1000, 11)], args.num_questions
-    )
-    prompts = [
-        prefix
-        + tok.encode(
-            f"Question: Sam has {a} apples and buys {b} more. How many apples "
-            "does Sam have?\nAnswer:",
-            add_special_tokens=False,
-        )
-        for a, b in pairs
-    ]
-    gen(prompts, [SamplingParams(temperature=0, max_tokens=args.few_shot_max_tokens)])
-
-
+# ---- workloads: each builds its prompts and calls `gen` once per round; returns a note ----------
+QUESTION = "Question: Sam has {a} apples and buys {b} more. How many apples does Sam have?\nAnswer:"
 TOPICS = ["volcanoes", "the moon", "bees", "rainbows", "glaciers", "owls", "tides", "deserts"]
 FOLLOW_UPS = [
     "Why does that happen?",
@@ -130,32 +81,62 @@ FOLLOW_UPS = [
 ]
 
 
-def run_multi_turn(gen: Generate, tok: Any, args: argparse.Namespace) -> None:
-    from lmprog import SamplingParams
+def encode(tok: Any, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
 
+
+def chat_prompt(tok: Any, text: str) -> list[int]:
+    msgs = [{"role": "user", "content": text}]
+    return encode(tok, tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+
+
+def extend(tok: Any, prompt: list[int], output: list[int], text: str) -> list[int]:
+    """The next prompt: exactly `prompt + output`, closed with <|im_end|>, then a new user turn
+    in ChatML, whose special tokens must encode as single ids (checked)."""
+    closed = output if output and output[-1] == IM_END else [*output, IM_END]
+    turn = encode(tok, f"\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+    assert turn.count(IM_END) == 1, f"<|im_end|> did not encode as the id {IM_END}: {turn}"
+    return prompt + closed + turn
+
+
+def run_few_shot(gen: Generate, tok: Any, args: argparse.Namespace) -> str:
+    rng = random.Random(args.seed)
+    text, n_examples = "Answer each question. Show the sum, then the answer.\n\n", 0
+    while len(encode(tok, text)) < args.prefix_tokens:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        text += QUESTION.format(a=a, b=b) + f" {a} + {b} = {a + b}. The answer is {a + b}.\n\n"
+        n_examples += 1
+    prefix = encode(tok, text)
+    pairs = rng.sample(
+        [(a, b) for a in range(100, 999, 7) for b in range(100, 999, 11)], args.num_questions
+    )
+    prompts = [prefix + encode(tok, QUESTION.format(a=a, b=b)) for a, b in pairs]
+    gen(prompts, [SamplingParams(temperature=0, max_tokens=args.few_shot_max_tokens)])
+    return f"shared prefix {len(prefix)} tokens ({n_examples} examples), {len(prompts)} questions"
+
+
+def run_multi_turn(gen: Generate, tok: Any, args: argparse.Namespace) -> str:
     params = [SamplingParams(temperature=0, max_tokens=args.chat_max_tokens)]
-    topics = [
-        TOPICS[i % len(TOPICS)] + (f" (part {i // len(TOPICS) + 1})" if i >= 8 else "")
+    prompts = [
+        chat_prompt(tok, f"Conversation {i + 1}: tell me about {TOPICS[i % len(TOPICS)]}.")
         for i in range(args.conversations)
     ]
-    prompts = [chat_prompt(tok, f"Tell me about {t}.") for t in topics]
     for turn in range(args.turns):
         outputs = gen(prompts, params)
         question = FOLLOW_UPS[turn % len(FOLLOW_UPS)]
         prompts = [extend(tok, p, o, question) for p, o in zip(prompts, outputs)]
+    return f"{args.conversations} conversations x {args.turns} turns"
 
 
-def run_tree(gen: Generate, tok: Any, args: argparse.Namespace) -> None:
-    from lmprog import SamplingParams
-
+def run_tree(gen: Generate, tok: Any, args: argparse.Namespace) -> str:
     level = [
         chat_prompt(
             tok,
-            "A farmer has 17 sheep, all but 9 run away. Think about how many "
-            "are left, one step at a time.",
+            "A farmer has 17 sheep and all but 9 run away. How many are left? "
+            "Think one step at a time.",
         )
     ]
-    seed = args.seed * 1_000_003
+    seed = args.seed * 1_000_003  # one fixed seed per request: both engines sample the same tree
     for depth in range(args.depth + 1):
         params = [
             SamplingParams(temperature=0.7, max_tokens=args.tree_max_tokens, seed=seed + i)
@@ -169,15 +150,16 @@ def run_tree(gen: Generate, tok: Any, args: argparse.Namespace) -> None:
                 for p, o in zip(level, outputs)
                 for i in range(args.branching)
             ]
+    return f"depth {args.depth} below the root, branching {args.branching}"
 
 
 WORKLOADS = {"few-shot": run_few_shot, "multi-turn": run_multi_turn, "tree": run_tree}
 GREEDY = {"few-shot", "multi-turn"}
 
 
-# ---- measurement --------------------------------------------------------------------------------
+# ---- measurement ------------------------------------------------------------------------------
 def optimal_hit_rate(rounds: list[Round]) -> float:
-    """Best possible hit rate of an unbounded prefix cache on these requests (module docstring).
+    """Hit rate of an unbounded prefix cache that shares everything it could (module docstring).
     A trie of nested dicts holds every token sequence cacheable so far."""
     trie: dict = {}
 
@@ -194,8 +176,8 @@ def optimal_hit_rate(rounds: list[Round]) -> float:
 
     hits = total = 0
     for rnd in rounds:
-        for prompt, _ in rnd:
-            # NOTE: at least one prompt token is always computed, hence len - 1.
+        for prompt, _ in rnd:  # within one call, earlier requests count through their prompts
+            # NOTE: the last prompt token is always computed (its logits sample the first output).
             hits += min(match(prompt), len(prompt) - 1)
             total += len(prompt)
             insert(prompt)
@@ -204,11 +186,10 @@ def optimal_hit_rate(rounds: list[Round]) -> float:
     return hits / total
 
 
-def run_workload(llm: Any, name: str, args: argparse.Namespace) -> Result:
-    res = Result(name, "off" if llm.server_args.disable_radix_cache else "on")
-    tok = llm.get_tokenizer()
+def run_workload(llm: LLM, cache: str, name: str, args: argparse.Namespace) -> Result:
+    res = Result(name, cache)
 
-    def gen(prompts: list[list[int]], params: list[Any]) -> list[list[int]]:
+    def gen(prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
         params = params * len(prompts) if len(params) == 1 else params
         t0 = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -216,33 +197,65 @@ def run_workload(llm: Any, name: str, args: argparse.Namespace) -> Result:
         res.rounds.append([(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs])
         return [out for _, out in res.rounds[-1]]
 
-    assert llm.reset_prefix_cache(), "reset_prefix_cache failed: requests still running"
+    assert llm.reset_prefix_cache(), "reset_prefix_cache() refused: requests still running"
     before = llm.get_cache_stats()
-    WORKLOADS[name](gen, tok, args)
+    res.note = WORKLOADS[name](gen, llm.get_tokenizer(), args)
     after = llm.get_cache_stats()
     query = after["query_tokens"] - before["query_tokens"]
     res.hit_rate = (after["hit_tokens"] - before["hit_tokens"]) / max(query, 1)
     res.optimal_hit_rate = optimal_hit_rate(res.rounds)
-    requests = [r for rnd in res.rounds for r in rnd]
-    res.prompt_tokens = sum(len(p) for p, _ in requests)
-    res.generated_tokens = sum(len(o) for _, o in requests)
+    res.prompt_tokens = sum(len(p) for rnd in res.rounds for p, _ in rnd)
+    res.generated_tokens = sum(len(o) for rnd in res.rounds for _, o in rnd)
     return res
 
 
 def mismatches(on: Result, off: Result) -> int:
-    """Requests whose output ids differ between the two runs (later turns inherit a mismatch)."""
-    outs = [[o for _, o in rnd] for rnd in on.rounds], [[o for _, o in rnd] for rnd in off.rounds]
-    return sum(a != b for ra, rb in zip(*outs) for a, b in zip(ra, rb))
+    """Requests whose output ids differ between the runs (a multi-turn mismatch carries over)."""
+    return sum(a[1] != b[1] for ra, rb in zip(on.rounds, off.rounds) for a, b in zip(ra, rb))
+
+
+def print_report(results: dict[str, dict[str, Result]]) -> dict[str, dict[str, Any]]:
+    print(
+        "| workload | cache | prompt tokens | generated tokens | time (s) | total tok/s "
+        "| output tok/s | hit rate | optimal hit rate |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, by_cache in results.items():
+        for r in by_cache.values():
+            print(
+                f"| {name} | {r.cache} | {r.prompt_tokens} | {r.generated_tokens} "
+                f"| {r.seconds:.2f} | {r.total_tps:.1f} | {r.output_tps:.1f} "
+                f"| {r.hit_rate:.1%} | {r.optimal_hit_rate:.1%} |"
+            )
+    print()
+    summary = {}
+    for name, by_cache in results.items():
+        on, off = by_cache["on"], by_cache["off"]
+        speedup = on.total_tps / off.total_tps
+        ratio = on.hit_rate / on.optimal_hit_rate if on.optimal_hit_rate else 1.0
+        ok = ratio >= HIT_RATIO_TARGET and (name != "few-shot" or speedup >= SPEEDUP_TARGET)
+        bad = mismatches(on, off)
+        kind = "" if name in GREEDY else " (sampled, not required to match)"
+        print(
+            f"{name} [{on.note}]: speedup {speedup:.2f}x on/off, measured hit rate {ratio:.1%} "
+            f"of optimal, {bad} mismatched outputs{kind} -> {'PASS' if ok else 'FAIL'}"
+        )
+        summary[name] = {"speedup": speedup, "hit_ratio": ratio, "mismatches": bad, "pass": ok}
+    print(
+        f"targets: few-shot speedup >= {SPEEDUP_TARGET:.0f}x; measured hit rate >= "
+        f"{HIT_RATIO_TARGET:.0%} of optimal on every workload"
+    )
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--quick", action="store_true", help="~8x smaller sizes (a smoke run)")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--schedule-policy", default="fcfs")
-    parser.add_argument("--max-total-tokens", type=int, default=None, help="KV pool, in tokens")
-    parser.add_argument("--json", default=None, help="also write the results to this path")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
+    parser.add_argument("--schedule-policy", default="fcfs", help="fcfs, lpm or dfs-weight")
+    parser.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write results here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefix-tokens", type=int, default=1000)
     parser.add_argument("--num-questions", type=int, default=64)
@@ -259,77 +272,34 @@ def main() -> None:
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
     names = args.workloads.split(",")
-    unknown = sorted(set(names) - set(WORKLOADS))
-    if unknown:
+    if unknown := sorted(set(names) - set(WORKLOADS)):
         parser.error(f"unknown workloads {unknown}; supported: {', '.join(WORKLOADS)}")
 
-    from lmprog import LLM, SamplingParams
-
-    engines = {}
-    for cache, disable in (("on", False), ("off", True)):
-        llm = LLM(
+    engines = {}  # one engine per setting, reused across workloads (reset between them)
+    for cache in ("on", "off"):
+        engines[cache] = LLM(
             args.model,
             seed=args.seed,
-            disable_radix_cache=disable,
+            disable_radix_cache=cache == "off",
             schedule_policy=args.schedule_policy,
             max_total_tokens=args.max_total_tokens,
         )
-        llm.generate(["warm up"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-        engines[cache] = llm
-
-    results: dict[str, dict[str, Result]] = {}
-    for name in names:
-        results[name] = {cache: run_workload(llm, name, args) for cache, llm in engines.items()}
-
-    print(
-        f"\nmodel {args.model}, schedule policy {args.schedule_policy}"
-        + (", --quick" if args.quick else "")
-    )
-    if "few-shot" in results:
-        shared = len(
-            few_shot_prefix(
-                engines["on"].get_tokenizer(), args.prefix_tokens, random.Random(args.seed)
-            )
+        engines[cache].generate(
+            ["warm up"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False
         )
-        print(f"few-shot shared prefix: {shared} tokens, {args.num_questions} questions")
-    print(
-        "| workload | cache | prompt tokens | generated tokens | time (s) | total tok/s "
-        "| output tok/s | hit rate | optimal hit rate |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, by_cache in results.items():
-        for r in by_cache.values():
-            print(
-                f"| {name} | {r.cache} | {r.prompt_tokens} | {r.generated_tokens} "
-                f"| {r.seconds:.2f} | {r.total_tps:.1f} | {r.output_tps:.1f} "
-                f"| {r.hit_rate:.1%} | {r.optimal_hit_rate:.1%} |"
-            )
-
-    summary = {}
-    print()
-    for name, by_cache in results.items():
-        on, off = by_cache["on"], by_cache["off"]
-        speedup = on.total_tps / off.total_tps
-        ratio = on.hit_rate / on.optimal_hit_rate if on.optimal_hit_rate else 1.0
-        ok = ratio >= HIT_RATIO_TARGET and (name != "few-shot" or speedup >= SPEEDUP_TARGET)
-        bad = mismatches(on, off)
-        note = "" if name in GREEDY else " (sampled: informational)"
-        print(
-            f"{name}: speedup {speedup:.2f}x on/off, hit rate {ratio:.1%} of optimal, "
-            f"{bad} mismatched outputs{note} -> {'PASS' if ok else 'FAIL'}"
-        )
-        summary[name] = {"speedup": speedup, "hit_ratio": ratio, "mismatches": bad, "pass": ok}
-    print(
-        f"targets: few-shot speedup >= {SPEEDUP_TARGET:.0f}x; "
-        f"hit rate >= {HIT_RATIO_TARGET:.0%} of optimal (every workload)"
-    )
-
+    results = {
+        name: {cache: run_workload(llm, cache, name, args) for cache, llm in engines.items()}
+        for name in names
+    }
+    quick = ", --quick" if args.quick else ""
+    print(f"\nmodel {args.model}, schedule policy {args.schedule_policy}{quick}")
+    summary = print_report(results)
     if args.json:
         rows = [
             {k: v for k, v in asdict(r).items() if k != "rounds"}
             | {"total_tps": r.total_tps, "output_tps": r.output_tps}
-            for by in results.values()
-            for r in by.values()
+            for by_cache in results.values()
+            for r in by_cache.values()
         ]
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": rows, "summary": summary}, f, indent=2)
