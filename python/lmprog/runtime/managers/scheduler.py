@@ -207,8 +207,9 @@ class Scheduler:
             dedupe=self.tree_cache.shares_prefixes,
         )
         if self.chunked_req is not None:
-            # Its own reservation is part of `reserve` above.
-            adder.rem_tokens += estimated_need(
+            # Admitted earlier: what it still needs is set aside first, and its next chunk
+            # comes out of that.
+            adder.rem_tokens -= estimated_need(
                 self.chunked_req, self.chunked_req.kv_len, self.new_token_ratio, args.page_size
             )
             if not adder.add_chunked(self.chunked_req):
@@ -233,8 +234,8 @@ class Scheduler:
             return None
         batch = self._build(ForwardMode.EXTEND, adder.reqs, adder.ends)
         if batch is None:
-            # Only a chunk continuation can miss room (running requests took it since its
-            # admission); it retries after the next decode step.
+            # Only a chunk continuation can miss room (running requests outgrew their estimate
+            # since its admission): it retries after the next decode step.
             assert admitted == set(), f"admission overcommitted the KV pool: {self.kv_stats()}"
             return None
         last, last_end = adder.reqs[-1], adder.ends[-1]
