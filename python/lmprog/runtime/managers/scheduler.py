@@ -427,7 +427,7 @@ class Scheduler:
             self.tree_cache.inc_lock_ref(child.last_node)
             self.req_to_token_pool.write(child.req_pool_idx, 0, req.prefix_indices)
             if tail:
-                slots = self.allocator.alloc(tail)
+                slots = self._alloc_extend([0], [tail], [0])
                 assert slots is not None, "admission reserved the copied tail"
                 self.model_runner.token_to_kv_pool.copy_slots(row[shared : req.kv_len], slots)
                 self.req_to_token_pool.write(child.req_pool_idx, shared, slots)
