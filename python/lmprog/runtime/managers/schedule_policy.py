@@ -59,6 +59,6 @@ def _dfs_weight_order(waiting: list[Req], matches: dict[Req, MatchResult]) -> li
         stack.append((node, True))  # its own requests, once its children are done
         children = [c for c in node.children.values() if c in weight]
         # Pushed lightest first, so the heaviest child is walked next (ties: the older child).
-        ranked = sorted(reversed(children), key=lambda c: weight[c])
-        stack.extend((c, False) for c in ranked)
+        ranked = sorted(enumerate(children), key=lambda ic: (weight[ic[1]], -ic[0]))
+        stack.extend((c, False) for _, c in ranked)
     return order

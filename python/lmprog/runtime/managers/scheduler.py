@@ -480,13 +480,31 @@ class Scheduler:
         }
 
     def check_integrity(self) -> None:
-        """Asserts the KV accounting; when idle also that every slot and lock is released."""
+        """Asserts the KV accounting: every KV page is exactly one of free, held by the prefix
+        cache, or held by one request; when idle, also that every slot and lock is released."""
         self.allocator.check_integrity()
         self.req_to_token_pool.check_integrity()
         self.tree_cache.check_integrity()
+        page = self.server_args.page_size
+        rows = self.req_to_token_pool.req_to_token
+        owners = {
+            "free": self.allocator.free_pages(),
+            "cache": torch.unique(self.tree_cache.cached_slots() // page),
+        }
+        for req in self.running + self._chunked():
+            own = rows[req.req_pool_idx, req.prefix_indices.numel() : req.kv_len]
+            owners[f"request {req.rid}/{req.index}"] = torch.unique(own.cpu() // page)
+        pages = torch.cat(list(owners.values()))
+        if (
+            pages.numel() != self.allocator.num_pages
+            or torch.unique(pages).numel() != pages.numel()
+        ):
+            counts = {k: v.numel() for k, v in owners.items()}
+            raise AssertionError(
+                f"KV pages lost or owned twice: {counts}, {self.allocator.num_pages} pages"
+            )
         s = self.kv_stats()
-        if self.server_args.page_size == 1:
-            # With pages, partly used pages make the running-side sum inexact.
+        if page == 1:
             assert (
                 s["free"] + s["evictable"] + s["protected"] + s["held_by_requests"] == s["total"]
             ), s

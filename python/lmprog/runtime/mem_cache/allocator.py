@@ -93,6 +93,10 @@ class TokenToKVPoolAllocator:
         assert int(pages.min()) >= 1, "freeing the padding page"
         self._free_pages = torch.cat([self._free_pages, pages])
 
+    def free_pages(self) -> torch.Tensor:
+        """The free page numbers (a copy)."""
+        return self._free_pages.clone()
+
     def is_free(self, pages: torch.Tensor) -> torch.Tensor:
         """Per page number: whether that page is in the free list."""
         return torch.isin(pages.to("cpu", torch.int64), self._free_pages)

@@ -71,6 +71,10 @@ class BasePrefixCache(ABC):
         returns to the allocator; the request's lock is released."""
 
     @abstractmethod
+    def cached_slots(self) -> torch.Tensor:
+        """Every KV slot the cache holds (for integrity checks)."""
+
+    @abstractmethod
     def evict(self, num_tokens: int) -> int:
         """Frees up to `num_tokens` evictable slots; returns how many were freed."""
 

@@ -44,7 +44,7 @@ class ChunkCache(BasePrefixCache):
         self.allocator = allocator
         self.page_size = allocator.page_size
         self._protected = 0
-        self._live: set[int] = set()  # ids of nodes with locks, for integrity checks
+        self._live: dict[int, SharedKV] = {}  # nodes with locks, by id
 
     def match_prefix(self, token_ids: list[int]) -> MatchResult:
         return MatchResult(torch.empty(0, dtype=torch.int64), None)
@@ -53,7 +53,7 @@ class ChunkCache(BasePrefixCache):
         for n in node.path() if node is not None else []:
             if n.lock_ref == 0:
                 self._protected += n.slots.numel()
-                self._live.add(id(n))
+                self._live[id(n)] = n
             n.lock_ref += 1
 
     def dec_lock_ref(self, node: SharedKV | None) -> None:
@@ -62,7 +62,7 @@ class ChunkCache(BasePrefixCache):
             n.lock_ref -= 1
             if n.lock_ref == 0:
                 self._protected -= n.slots.numel()
-                self._live.discard(id(n))
+                del self._live[id(n)]
                 self.allocator.free(n.slots)
 
     def cache_unfinished_req(self, req: Req) -> None:
@@ -84,6 +84,10 @@ class ChunkCache(BasePrefixCache):
         self.allocator.free(row[req.prefix_indices.numel() : req.kv_len])
         self.dec_lock_ref(req.last_node)
         req.last_node = None
+
+    def cached_slots(self) -> torch.Tensor:
+        slots = [n.slots for n in self._live.values()]
+        return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
 
     def evict(self, num_tokens: int) -> int:
         return 0

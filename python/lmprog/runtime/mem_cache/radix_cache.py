@@ -225,6 +225,10 @@ class RadixCache(BasePrefixCache):
                 heapq.heappush(heap, parent)
         return freed
 
+    def cached_slots(self) -> torch.Tensor:
+        values = [node.value for node in self._nodes()]
+        return torch.cat(values) if values else _EMPTY
+
     def _nodes(self) -> Iterator[TreeNode]:
         """Every node but the root, parents before children."""
         stack = list(self.root.children.values())
