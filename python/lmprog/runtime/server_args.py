@@ -75,6 +75,23 @@ class ServerArgs:
         default=None, metadata={"help": "torch threads for the model on CPU (default: all cores)."}
     )
     max_logprobs: int = field(default=20, metadata={"help": "Most top logprobs per token."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Server: address to listen on."})
+    port: int = field(default=30000, metadata={"help": "Server: port to listen on."})
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Server: require 'Authorization: Bearer KEY' on /v1/* and control routes."
+        },
+    )
+    max_queued_requests: int | None = field(
+        default=None,
+        metadata={
+            "help": "Server: most requests waiting to run; more get 503 (default: no limit)."
+        },
+    )
+    max_request_bytes: int = field(
+        default=16 << 20, metadata={"help": "Server: largest request body (default 16 MiB)."}
+    )
     debug_checks: bool = field(
         default=False,
         metadata={"help": "Check KV accounting and the prefix cache whenever the engine idles."},
@@ -86,6 +103,8 @@ class ServerArgs:
             ("max_running_requests", self.max_running_requests >= 1, ">= 1"),
             ("max_prefill_tokens", self.max_prefill_tokens >= 1, ">= 1"),
             ("kv_cache_bytes", self.kv_cache_bytes > 0, "> 0"),
+            ("port", 0 <= self.port < 65536, "in [0, 65536)"),
+            ("max_request_bytes", self.max_request_bytes > 0, "> 0"),
             ("mem_fraction_static", 0 < self.mem_fraction_static <= 1, "in (0, 1]"),
             (
                 "dtype",

@@ -1,4 +1,10 @@
-"""Plain dataclass messages between the front (LLM / TokenizerManager) and the Scheduler."""
+"""Plain dataclass messages between the front (LLM / TokenizerManager) and the Scheduler.
+
+The server sends them between processes through `codec.py`; the offline `LLM` passes them in
+process. API process -> scheduler: TokenizedGenerateReqInput, AbortReq, FlushCacheReq,
+GetServerInfoReq. Scheduler -> API process: BatchOutput, RequestError, FlushCacheResult,
+ServerInfo, SchedulerReady (once, when the model is loaded).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ class TokenizedGenerateReqInput:
     sampling_params: SamplingParams
     input_text: str | None = None
     arrival_time: float = field(default_factory=time.time)
+    stream: bool = False  # report every new token (else only the finished sequence)
 
 
 @dataclass
@@ -30,3 +37,70 @@ class FinishReason:
 
     def __post_init__(self) -> None:
         assert self.kind in ("stop", "length", "abort"), self.kind
+
+
+@dataclass
+class AbortReq:
+    rid: str
+
+
+@dataclass
+class FlushCacheReq:
+    pass
+
+
+@dataclass
+class FlushCacheResult:
+    success: bool
+
+
+@dataclass
+class GetServerInfoReq:
+    pass
+
+
+@dataclass
+class ServerInfo:
+    kv: dict[str, int]  # Scheduler.kv_stats()
+    stats: dict[str, float]  # SchedulerStats counters
+
+
+@dataclass
+class RequestError:
+    """The scheduler refused a request (a validation error the API process could not see)."""
+
+    rid: str
+    message: str
+
+
+@dataclass
+class SeqOutput:
+    """What one sequence gained since its last report (only text that is safe to stream)."""
+
+    rid: str
+    index: int
+    token_ids: list[int]
+    text: str
+    # Per new token: (chosen logprob, {token_id: logprob} of the top-k), when asked for.
+    logprobs: list[tuple[float, dict[int, float]]] | None
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class BatchOutput:
+    outputs: list[SeqOutput]
+
+
+@dataclass
+class SchedulerReady:
+    """Sent once the model is loaded: what the API process needs to validate and describe."""
+
+    model_path: str
+    context_len: int
+    vocab_size: int
+    max_total_tokens: int
+    device: str
+    dtype: str

@@ -59,6 +59,8 @@ class Req:
     # Per generated token: (chosen logprob, {token_id: logprob} of the top-k), when asked.
     logprobs: list[tuple[float, dict[int, float]]] | None = None
     times: ReqTimes = field(default_factory=lambda: ReqTimes(time.time()))
+    stream: bool = False  # the server reports each new token, not only the end
+    reported_tokens: int = 0  # output tokens already reported to the API process
 
     @property
     def fill_ids(self) -> list[int]:
@@ -109,6 +111,7 @@ class Req:
             input_text=self.input_text,
             index=index,
             num_cached_tokens=self.num_cached_tokens,
+            stream=self.stream,
             times=ReqTimes(self.times.arrival, self.times.first_scheduled),
         )
 

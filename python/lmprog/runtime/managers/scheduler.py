@@ -139,6 +139,7 @@ class Scheduler:
             output_text=self._output_text(recv.input_ids, params),
             eos_token_ids=self.eos_token_ids,
             input_text=recv.input_text,
+            stream=recv.stream,
         )
         req.times.arrival = recv.arrival_time
         self.waiting.append(req)
@@ -473,6 +474,7 @@ class Scheduler:
             "free": self.allocator.available_size(),
             "evictable": self.tree_cache.evictable_size,
             "protected": self.tree_cache.protected_size,
+            "locked_nodes": self.tree_cache.locked_nodes(),
             "held_by_requests": held,
             "running_requests": len(self.running),
             "waiting_requests": len(self.waiting),

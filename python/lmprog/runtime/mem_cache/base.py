@@ -71,6 +71,10 @@ class BasePrefixCache(ABC):
         returns to the allocator; the request's lock is released."""
 
     @abstractmethod
+    def locked_nodes(self) -> int:
+        """How many cache nodes some request holds a lock on."""
+
+    @abstractmethod
     def cached_slots(self) -> torch.Tensor:
         """Every KV slot the cache holds (for integrity checks)."""
 

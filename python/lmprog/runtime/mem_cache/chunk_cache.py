@@ -85,6 +85,9 @@ class ChunkCache(BasePrefixCache):
         self.dec_lock_ref(req.last_node)
         req.last_node = None
 
+    def locked_nodes(self) -> int:
+        return len(self._live)
+
     def cached_slots(self) -> torch.Tensor:
         slots = [n.slots for n in self._live.values()]
         return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)

@@ -225,6 +225,9 @@ class RadixCache(BasePrefixCache):
                 heapq.heappush(heap, parent)
         return freed
 
+    def locked_nodes(self) -> int:
+        return sum(1 for node in self._nodes() if node.lock_ref)
+
     def cached_slots(self) -> torch.Tensor:
         values = [node.value for node in self._nodes()]
         return torch.cat(values) if values else _EMPTY

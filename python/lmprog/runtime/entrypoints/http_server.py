@@ -1,0 +1,178 @@
+"""`python -m lmprog.launch_server`: the API process (FastAPI on uvicorn) and the scheduler process.
+
+    launch_server(args)
+      ├─ scheduler process: loads the model, then runs SchedulerLoop (ZMQ in / out)
+      └─ this process: waits for the model, then serves HTTP; a watchdog ends the server (exit 1)
+         if the scheduler process dies. SIGTERM drains in-flight requests and exits 0.
+
+Routes: native ones here (native_api.py), OpenAI's in openai_api.py; both share the
+TokenizerManager kept on `app.state.tm`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import multiprocessing as mp
+import sys
+import tempfile
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from lmprog.runtime.entrypoints.errors import error_response, install_error_handlers
+from lmprog.runtime.entrypoints.native_api import router as native_router
+from lmprog.runtime.entrypoints.openai_api import router as openai_router
+from lmprog.runtime.managers.io_struct import SchedulerReady
+from lmprog.runtime.managers.scheduler_process import run_scheduler_process
+from lmprog.runtime.managers.tokenizer_manager import TokenizerManager
+from lmprog.runtime.server_args import ServerArgs
+
+logger = logging.getLogger("lmprog.server")
+OPEN_ROUTES = ("/health", "/get_model_info", "/metrics")  # never behind the API key
+WATCHDOG_INTERVAL = 0.5
+
+
+def build_app(
+    args: ServerArgs,
+    ready: SchedulerReady,
+    tokenizer: Any,
+    inbox: str,
+    outbox: str,
+    scheduler_proc: mp.Process,
+    on_scheduler_death: Any = None,
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        tm = TokenizerManager(args, ready, tokenizer, inbox, outbox)
+        tm.start()
+        app.state.tm = tm
+        watchdog = asyncio.get_running_loop().create_task(_watch(tm))
+        yield
+        watchdog.cancel()
+
+    async def _watch(tm: TokenizerManager) -> None:
+        while scheduler_proc.is_alive():
+            await asyncio.sleep(WATCHDOG_INTERVAL)
+        logger.error("the scheduler process died (exit code %s)", scheduler_proc.exitcode)
+        tm.scheduler_died()
+        if on_scheduler_death is not None:
+            on_scheduler_death()
+
+    app = FastAPI(title="lmprog", lifespan=lifespan)
+    app.state.args = args
+    app.state.model_info = ready
+    app.state.tokenizer = tokenizer
+    install_error_handlers(app)
+    app.add_middleware(_Guard, args=args)
+    app.include_router(native_router)
+    app.include_router(openai_router)
+    return app
+
+
+class _Guard:
+    """ASGI middleware: the API key (constant-time compare) and the body size limit (413)."""
+
+    def __init__(self, app: Any, args: ServerArgs) -> None:
+        self.app = app
+        self.key = args.api_key.encode() if args.api_key else None
+        self.limit = args.max_request_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.key is not None and scope["path"] not in OPEN_ROUTES:
+            given = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+            if not hmac.compare_digest(given, self.key):
+                why = "wrong" if given else "missing"
+                response = error_response(401, f"{why} API key: send 'Authorization: Bearer KEY'")
+                return await response(scope, receive, send)
+        declared = headers.get(b"content-length")
+        if declared is not None and int(declared) > self.limit:
+            return await self._too_large(int(declared), scope, receive, send)
+        # Chunked bodies carry no length: read it (up to the limit) before the app does.
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body.append(message.get("body", b""))
+            size += len(body[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._too_large(size, scope, receive, send)
+        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+        async def replayed() -> dict:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _too_large(self, size: int, scope: dict, receive: Any, send: Any) -> None:
+        message = f"request body has {size} bytes; the limit is {self.limit} (max_request_bytes)"
+        await error_response(413, message)(scope, receive, send)
+
+
+class _Server(uvicorn.Server):
+    """Says where it listens once the socket is bound (ready means ready)."""
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            cfg = self.config
+            print(f"lmprog server ready at http://{cfg.host}:{cfg.port}", flush=True)
+
+
+def launch_server(args: ServerArgs) -> int:
+    """Starts the scheduler, waits for the model, serves until SIGTERM; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ipc = Path(tempfile.mkdtemp(prefix="lmprog-"))
+    inbox, outbox = f"ipc://{ipc}/scheduler_in", f"ipc://{ipc}/scheduler_out"
+    ctx = mp.get_context("spawn")
+    ready_r, ready_w = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=run_scheduler_process, args=(args, inbox, outbox, ready_w), daemon=True
+    )
+    proc.start()
+    print(f"loading {args.model_path} ...", flush=True)
+    while not ready_r.poll(0.2):
+        if not proc.is_alive():
+            print(
+                f"error: the scheduler exited while loading (code {proc.exitcode})", file=sys.stderr
+            )
+            return 1
+    ready = ready_r.recv()
+    if isinstance(ready, str):
+        print(f"error: cannot load the model: {ready}", file=sys.stderr)
+        proc.join(5)
+        return 1
+
+    from lmprog.runtime.model_loader.resolve import resolve_model
+    from lmprog.runtime.model_loader.tokenizer_cache import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model(args.tokenizer_path or args.model_path))
+    exit_code = 0
+
+    def on_death() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        server.should_exit = True
+
+    app = build_app(args, ready, tokenizer, inbox, outbox, proc, on_death)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60
+    )
+    server = _Server(config)
+    server.run()
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(10)
+    if not server.started and exit_code == 0:
+        exit_code = 1  # e.g. the port was taken
+    return exit_code

@@ -1,0 +1,318 @@
+"""Native routes: /generate (SGLang's shape; vLLM's `prompt` + flat parameters also accepted),
+health, model and server info, cache flush, abort, tokenize and detokenize."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmprog.runtime.entrypoints.common import (
+    SAMPLING_FIELDS,
+    SSE_DONE,
+    SSE_HEADERS,
+    admit,
+    gather_outputs,
+    make_sampling_params,
+    sse,
+    tm_of,
+    until_disconnect,
+    validate,
+)
+from lmprog.runtime.entrypoints.errors import APIError, error_payload
+from lmprog.runtime.managers.io_struct import SeqOutput
+from lmprog.runtime.sampling.sampling_params import SamplingParams
+
+router = APIRouter()
+HEALTH_GENERATE_TIMEOUT = 20.0
+# SGLang's names for the native API, mapped to ours (vLLM's).
+NATIVE_ALIASES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+@dataclass
+class SeqResult:
+    """One sequence of a request, accumulated from its reports."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    last: SeqOutput | None = None
+
+    def add(self, out: SeqOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        self.last = out
+
+
+def finish_reason_json(out: SeqOutput | None) -> dict | None:
+    if out is None or out.finish_reason is None:
+        return None
+    reason = out.finish_reason
+    body: dict[str, Any] = {"type": reason.kind}
+    if reason.matched is not None:
+        body["matched"] = reason.matched
+    if reason.message is not None:
+        body["message"] = reason.message
+    return body
+
+
+# ---- health and info ------------------------------------------------------------------------
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    alive = tm_of(request).alive
+    return JSONResponse({"status": "ok" if alive else "scheduler dead"}, 200 if alive else 503)
+
+
+@router.get("/health_generate")
+async def health_generate(request: Request) -> JSONResponse:
+    """Really generates one token (through the whole path), within a timeout."""
+    tm = tm_of(request)
+    params = SamplingParams(max_tokens=1, temperature=0)
+
+    async def one() -> list:
+        return await gather_outputs(tm.generate([tm.tokenizer.bos_token_id or 0], params))
+
+    try:
+        await asyncio.wait_for(one(), HEALTH_GENERATE_TIMEOUT)
+    except (TimeoutError, APIError) as e:
+        return JSONResponse({"status": f"unhealthy: {e or 'timed out'}"}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/get_model_info")
+async def get_model_info(request: Request) -> dict:
+    info, args = request.app.state.model_info, request.app.state.args
+    return {
+        "model_path": args.model_path,
+        "served_model_name": args.model_name,
+        "tokenizer_path": args.tokenizer_path or args.model_path,
+        "is_generation": True,
+        "context_length": info.context_len,
+        "vocab_size": info.vocab_size,
+        "device": info.device,
+        "dtype": info.dtype,
+    }
+
+
+@router.get("/get_server_info")
+async def get_server_info(request: Request) -> dict:
+    info = await tm_of(request).get_server_info()
+    args = request.app.state.args
+    return {
+        "server_args": {k: v for k, v in vars(args).items() if k != "api_key"},
+        "kv_cache": info.kv,
+        "scheduler": info.stats,
+        "max_total_tokens": request.app.state.model_info.max_total_tokens,
+    }
+
+
+@router.post("/flush_cache")
+async def flush_cache(request: Request) -> JSONResponse:
+    if await tm_of(request).flush_cache():
+        return JSONResponse({"success": True, "message": "cache flushed"})
+    return JSONResponse(
+        {"success": False, "message": "not flushed: requests are running; retry when idle"}, 409
+    )
+
+
+@router.post("/abort_request")
+async def abort_request(request: Request) -> dict:
+    body = await request.json()
+    rid = body.get("rid") if isinstance(body, dict) else None
+    if not isinstance(rid, str):
+        raise APIError(400, "rid must be the request id (a string)", "rid")
+    return {"success": await tm_of(request).abort(rid)}
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> dict:
+    body = await request.json()
+    text = body.get("text", body.get("prompt")) if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        raise APIError(400, "text must be a string", "text")
+    add_special = bool(body.get("add_special_tokens", True))
+    ids = tm_of(request).tokenizer.encode(text, add_special_tokens=add_special)
+    return {
+        "tokens": ids,
+        "count": len(ids),
+        "max_model_len": request.app.state.model_info.context_len,
+    }
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> dict:
+    body = await request.json()
+    ids = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        raise APIError(400, "tokens must be a list of token ids", "tokens")
+    vocab = request.app.state.model_info.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+    return {"text": tm_of(request).tokenizer.decode(ids)}
+
+
+# ---- generate -------------------------------------------------------------------------------
+@dataclass
+class _Prompt:
+    input_ids: list[int]
+    text: str | None
+    params: SamplingParams
+
+
+def _parse_generate(body: Any, tokenizer: Any) -> tuple[list[_Prompt], bool]:
+    """(prompts, is_batch) from a /generate body."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    text = body.get("text", body.get("prompt"))
+    input_ids = body.get("input_ids")
+    if (text is None) == (input_ids is None):
+        raise APIError(400, "give exactly one of text (or prompt) and input_ids", "text")
+    if text is not None:
+        batch = isinstance(text, list)
+        texts = text if batch else [text]
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "text must be a string or a non-empty list of strings", "text")
+        ids = [tokenizer.encode(t) for t in texts]
+    else:
+        batch = bool(input_ids) and isinstance(input_ids[0], list)
+        ids = input_ids if batch else [input_ids]
+        texts = [None] * len(ids)
+        if not ids or not all(
+            isinstance(x, list) and all(isinstance(t, int) for t in x) for x in ids
+        ):
+            raise APIError(
+                400, "input_ids must be a list of token ids, or a list of such lists", "input_ids"
+            )
+    raw = body.get("sampling_params") or {}
+    # vLLM's shape: sampling parameters at the top level of the body.
+    flat = {k: v for k, v in body.items() if k in SAMPLING_FIELDS or k in NATIVE_ALIASES}
+    if body.get("use_beam_search"):
+        raise APIError(400, "use_beam_search is not supported (sampling only)", "use_beam_search")
+    per_prompt = raw if isinstance(raw, list) else [raw] * len(ids)
+    if len(per_prompt) != len(ids):
+        raise APIError(
+            400,
+            f"sampling_params has {len(per_prompt)} entries for {len(ids)} prompts",
+            "sampling_params",
+        )
+    prompts = []
+    for i, (p_ids, p_text, sp) in enumerate(zip(ids, texts, per_prompt)):
+        if not isinstance(sp, dict):
+            raise APIError(400, "sampling_params must be an object", "sampling_params")
+        values = {NATIVE_ALIASES.get(k, k): v for k, v in {**flat, **sp}.items()}
+        if body.get("return_logprob"):
+            values.setdefault("logprobs", int(body.get("top_logprobs_num") or 0))
+        params = make_sampling_params(values, "sampling_params.")
+        prompts.append(_Prompt(p_ids, p_text, params))
+    return prompts, batch
+
+
+def _meta(rid: str, seq: SeqResult, start: float, want_logprobs: bool) -> dict:
+    last = seq.last
+    meta = {
+        "id": rid,
+        "index": seq.index,
+        "prompt_tokens": last.prompt_tokens if last else 0,
+        "completion_tokens": len(seq.token_ids),
+        "cached_tokens": last.cached_tokens if last else 0,
+        "finish_reason": finish_reason_json(last),
+        "e2e_latency": time.perf_counter() - start,
+    }
+    if want_logprobs:
+        meta["output_token_logprobs"] = [
+            [lp, tid, None] for (lp, _), tid in zip(seq.logprobs, seq.token_ids)
+        ]
+        meta["output_top_logprobs"] = [
+            [[v, k, None] for k, v in top.items()] for _, top in seq.logprobs
+        ]
+    return meta
+
+
+def _item(rid: str, seq: SeqResult, start: float, want_logprobs: bool) -> dict:
+    return {
+        "text": seq.text,
+        "output_ids": seq.token_ids,
+        "meta_info": _meta(rid, seq, start, want_logprobs),
+    }
+
+
+@router.post("/generate")
+async def generate(request: Request) -> Any:
+    tm = tm_of(request)
+    prompts, batch = _parse_generate(await request.json(), tm.tokenizer)
+    for i, p in enumerate(prompts):
+        validate(tm, p.input_ids, p.params, f"prompt {i}: " if batch else "")
+    admit(tm, len(prompts))
+    body = await request.json()
+    stream = bool(body.get("stream"))
+    want_logprobs = bool(body.get("return_logprob"))
+    start = time.perf_counter()
+    rids = [tm.new_rid() for _ in prompts]
+    if body.get("rid") and not batch:
+        rids = [str(body["rid"])]
+    if stream:
+        return StreamingResponse(
+            _stream(tm, prompts, rids, start, want_logprobs),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+
+    async def run_one(p: _Prompt, rid: str) -> list[dict]:
+        outs = await gather_outputs(tm.generate(p.input_ids, p.params, rid=rid, input_text=p.text))
+        seqs = {i: SeqResult(i) for i in range(p.params.n)}
+        for out in outs:
+            seqs[out.index].add(out)
+        return [_item(rid, s, start, want_logprobs) for s in seqs.values()]
+
+    async def run_all() -> list[list[dict]]:
+        return await asyncio.gather(*(run_one(p, rid) for p, rid in zip(prompts, rids)))
+
+    results = await until_disconnect(request, run_all())
+    flat = [item for per_prompt in results for item in per_prompt]
+    return JSONResponse(flat if batch or len(flat) > 1 else flat[0])
+
+
+async def _stream(
+    tm: Any, prompts: list[_Prompt], rids: list[str], start: float, want_logprobs: bool
+) -> AsyncIterator[str]:
+    """SSE: each chunk carries one sequence's text so far (SGLang's shape), then [DONE]."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: _Prompt, rid: str) -> None:
+        try:
+            async for out in tm.generate(
+                p.input_ids, p.params, rid=rid, input_text=p.text, stream=True
+            ):
+                await queue.put((rid, out))
+        except Exception as e:  # noqa: BLE001 -- reported in the stream, already begun
+            await queue.put((rid, e))
+        finally:
+            await queue.put((rid, None))
+
+    tasks = [asyncio.ensure_future(pump(p, rid)) for p, rid in zip(prompts, rids)]
+    seqs: dict[tuple[str, int], SeqResult] = {}
+    running = len(tasks)
+    try:
+        while running:
+            rid, out = await queue.get()
+            if out is None:
+                running -= 1
+                continue
+            if isinstance(out, Exception):
+                yield sse(error_payload(str(out), 400 if isinstance(out, ValueError) else 503))
+                continue
+            seq = seqs.setdefault((rid, out.index), SeqResult(out.index))
+            seq.add(out)
+            yield sse(_item(rid, seq, start, want_logprobs))
+        yield SSE_DONE
+    finally:
+        for task in tasks:
+            task.cancel()

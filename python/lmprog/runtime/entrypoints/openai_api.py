@@ -1,0 +1,435 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (streaming too)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from lmprog.runtime.entrypoints.common import (
+    SSE_DONE,
+    SSE_HEADERS,
+    admit,
+    gather_outputs,
+    make_sampling_params,
+    sse,
+    tm_of,
+    until_disconnect,
+    validate,
+)
+from lmprog.runtime.entrypoints.errors import APIError, error_payload
+from lmprog.runtime.entrypoints.native_api import SeqResult
+from lmprog.runtime.managers.io_struct import SeqOutput
+
+router = APIRouter(prefix="/v1")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Beyond OpenAI (vLLM's extras)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+    def sampling_values(self) -> dict[str, Any]:
+        keys = [
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "n",
+            "stop",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "ignore_eos",
+            "min_tokens",
+            "stop_token_ids",
+            "skip_special_tokens",
+            "include_stop_str_in_output",
+        ]
+        return {k: getattr(self, k) for k in keys}
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    max_tokens: int | None = 16
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+
+
+def _check_model(request: Request, model: str | None) -> str:
+    served = request.app.state.args.model_name
+    if model is not None and model != served:
+        raise APIError(
+            404, f"model '{model}' is not served here; this server serves '{served}'", "model"
+        )
+    return served
+
+
+def _finish(out: SeqOutput | None) -> str | None:
+    return None if out is None or out.finish_reason is None else out.finish_reason.kind
+
+
+def _usage(seqs: list[SeqResult], prompt_tokens: int, cached: int) -> dict:
+    completion = sum(len(s.token_ids) for s in seqs)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+# ---- models ---------------------------------------------------------------------------------
+@router.get("/models")
+async def models(request: Request) -> dict:
+    args = request.app.state.args
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": args.model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "lmprog",
+                "root": args.model_path,
+                "max_model_len": request.app.state.model_info.context_len,
+            }
+        ],
+    }
+
+
+# ---- completions ----------------------------------------------------------------------------
+def _completion_prompts(req: CompletionRequest, tokenizer: Any) -> list[tuple[list[int], str]]:
+    p = req.prompt
+    if isinstance(p, str):
+        return [(tokenizer.encode(p), p)]
+    if p and all(isinstance(x, int) for x in p):
+        return [(list(p), tokenizer.decode(p))]
+    if p and all(isinstance(x, str) for x in p):
+        return [(tokenizer.encode(x), x) for x in p]
+    if p and all(isinstance(x, list) for x in p):
+        return [(list(x), tokenizer.decode(x)) for x in p]
+    raise APIError(
+        400,
+        "prompt must be a string, a list of strings, token ids, or lists of token ids",
+        "prompt",
+    )
+
+
+def _completion_logprobs(seq: SeqResult, tokenizer: Any) -> dict:
+    tokens = [tokenizer.decode([t]) for t in seq.token_ids]
+    offsets, pos = [], 0
+    for tok in tokens:
+        offsets.append(pos)
+        pos += len(tok)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for lp, _ in seq.logprobs],
+        "top_logprobs": [
+            {tokenizer.decode([k]): v for k, v in top.items()} for _, top in seq.logprobs
+        ],
+        "text_offset": offsets,
+    }
+
+
+@router.post("/completions")
+async def completions(req: CompletionRequest, request: Request) -> Any:
+    model = _check_model(request, req.model)
+    tm = tm_of(request)
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported yet", "echo")
+    values = req.sampling_values() | {"logprobs": req.logprobs}
+    params = make_sampling_params(values)
+    prompts = _completion_prompts(req, tm.tokenizer)
+    for i, (ids, _) in enumerate(prompts):
+        validate(tm, ids, params, f"prompt {i}: " if len(prompts) > 1 else "")
+    admit(tm, len(prompts))
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    n = params.n
+    head = {"id": rid, "object": "text_completion", "created": created, "model": model}
+
+    def choice(i: int, j: int, seq: SeqResult, text: str) -> dict:
+        logprobs = _completion_logprobs(seq, tm.tokenizer) if req.logprobs is not None else None
+        return {
+            "index": i * n + j,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": _finish(seq.last),
+        }
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _sse_response(_stream_completion(tm, prompts, params, rid, head, req, include_usage))
+
+    async def run_one(k: int, ids: list[int], text: str) -> list[SeqResult]:
+        outs = await gather_outputs(tm.generate(ids, params, rid=f"{rid}-{k}", input_text=text))
+        seqs = [SeqResult(j) for j in range(n)]
+        for out in outs:
+            seqs[out.index].add(out)
+        return seqs
+
+    async def run_all() -> list[list[SeqResult]]:
+        return await asyncio.gather(*(run_one(k, ids, t) for k, (ids, t) in enumerate(prompts)))
+
+    results = await until_disconnect(request, run_all())
+    choices, prompt_tokens, cached = [], 0, 0
+    for i, ((ids, text), seqs) in enumerate(zip(prompts, results)):
+        prompt_tokens += len(ids)
+        cached += seqs[0].last.cached_tokens if seqs[0].last else 0
+        for j, seq in enumerate(seqs):
+            choices.append(choice(i, j, seq, (text if req.echo else "") + seq.text))
+    all_seqs = [s for seqs in results for s in seqs]
+    return head | {"choices": choices, "usage": _usage(all_seqs, prompt_tokens, cached)}
+
+
+async def _stream_completion(
+    tm: Any,
+    prompts: list,
+    params: Any,
+    rid: str,
+    head: dict,
+    req: CompletionRequest,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    n = params.n
+    seqs: dict[int, SeqResult] = {}
+    prompt_tokens, cached = 0, 0
+    async for i, out in _merge(tm, prompts, params, rid):
+        idx = i * n + out.index
+        seq = seqs.setdefault(idx, SeqResult(idx))
+        if isinstance(out, Exception):
+            yield sse(error_payload(str(out)))
+            continue
+        if not seq.token_ids and req.echo:
+            out.text = prompts[i][1] + out.text
+        before = len(seq.logprobs)
+        seq.add(out)
+        if out.finish_reason is not None:
+            prompt_tokens += out.prompt_tokens if out.index == 0 else 0
+            cached += out.cached_tokens if out.index == 0 else 0
+        logprobs = None
+        if req.logprobs is not None:
+            part = SeqResult(idx, token_ids=out.token_ids, logprobs=seq.logprobs[before:])
+            logprobs = _completion_logprobs(part, tm.tokenizer)
+        chunk = {
+            "index": idx,
+            "text": out.text,
+            "logprobs": logprobs,
+            "finish_reason": _finish(out),
+        }
+        yield sse(head | {"choices": [chunk]})
+    if include_usage:
+        yield sse(
+            head | {"choices": [], "usage": _usage(list(seqs.values()), prompt_tokens, cached)}
+        )
+    yield SSE_DONE
+
+
+async def _merge(tm: Any, prompts: list, params: Any, rid: str) -> AsyncIterator[tuple[int, Any]]:
+    """The streamed reports of several prompts, interleaved as they come: (prompt index, out)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, ids: list[int], text: str) -> None:
+        try:
+            async for out in tm.generate(
+                ids, params, rid=f"{rid}-{k}", input_text=text, stream=True
+            ):
+                await queue.put((k, out))
+        except Exception as e:  # noqa: BLE001 -- reported in the stream, already begun
+            await queue.put((k, e))
+        finally:
+            await queue.put((k, None))
+
+    tasks = [asyncio.ensure_future(pump(k, ids, t)) for k, (ids, t) in enumerate(prompts)]
+    running = len(tasks)
+    try:
+        while running:
+            k, out = await queue.get()
+            if out is None:
+                running -= 1
+            elif isinstance(out, Exception):
+                raise APIError(400, str(out))
+            else:
+                yield k, out
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _sse_response(gen: AsyncIterator[str]) -> StreamingResponse:
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for chunk in gen:
+                yield chunk
+        except APIError as e:
+            yield sse(error_payload(e.message, e.status))
+            yield SSE_DONE
+
+    return StreamingResponse(guarded(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# ---- chat -----------------------------------------------------------------------------------
+def _chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
+    messages = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(
+                        400,
+                        f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}",
+                        f"messages.{i}.content",
+                    )
+                texts.append(part["text"])
+            content = "".join(texts)
+        messages.append({"role": m.role, "content": content or ""})
+    if not messages:
+        raise APIError(400, "messages must not be empty", "messages")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _chat_logprobs(seq_ids: list[int], logprobs: list, tokenizer: Any) -> dict:
+    content = []
+    for tid, (lp, top) in zip(seq_ids, logprobs):
+        tok = tokenizer.decode([tid])
+        content.append(
+            {
+                "token": tok,
+                "logprob": lp,
+                "bytes": list(tok.encode()),
+                "top_logprobs": [
+                    {"token": (t := tokenizer.decode([k])), "logprob": v, "bytes": list(t.encode())}
+                    for k, v in top.items()
+                ],
+            }
+        )
+    return {"content": content}
+
+
+@router.post("/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+    model = _check_model(request, req.model)
+    tm = tm_of(request)
+    values = req.sampling_values()
+    if req.max_completion_tokens is not None:
+        values["max_tokens"] = req.max_completion_tokens
+    if req.logprobs:
+        values["logprobs"] = req.top_logprobs or 0
+    elif req.top_logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    params = make_sampling_params(values)
+    ids = _chat_prompt(req, tm.tokenizer)
+    validate(tm, ids, params, "")
+    admit(tm, 1)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _sse_response(_stream_chat(tm, ids, params, rid, head, req, include_usage))
+    outs = await until_disconnect(request, gather_outputs(tm.generate(ids, params, rid=rid)))
+    seqs = [SeqResult(j) for j in range(params.n)]
+    for out in outs:
+        seqs[out.index].add(out)
+    choices = [
+        {
+            "index": s.index,
+            "message": {"role": "assistant", "content": s.text},
+            "logprobs": _chat_logprobs(s.token_ids, s.logprobs, tm.tokenizer)
+            if req.logprobs
+            else None,
+            "finish_reason": _finish(s.last),
+        }
+        for s in seqs
+    ]
+    cached = seqs[0].last.cached_tokens if seqs[0].last else 0
+    return head | {"choices": choices, "usage": _usage(seqs, len(ids), cached)}
+
+
+async def _stream_chat(
+    tm: Any,
+    ids: list[int],
+    params: Any,
+    rid: str,
+    head: dict,
+    req: ChatCompletionRequest,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    head = head | {"object": "chat.completion.chunk"}
+    seqs: dict[int, SeqResult] = {}
+    cached = 0
+    for j in range(params.n):
+        role = {
+            "index": j,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        yield sse(head | {"choices": [role]})
+    async for _, out in _merge(tm, [(ids, None)], params, rid):
+        seq = seqs.setdefault(out.index, SeqResult(out.index))
+        before = len(seq.logprobs)
+        seq.add(out)
+        cached = out.cached_tokens
+        logprobs = None
+        if req.logprobs:
+            logprobs = _chat_logprobs(out.token_ids, seq.logprobs[before:], tm.tokenizer)
+        delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+        chunk = {
+            "index": out.index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": _finish(out),
+        }
+        yield sse(head | {"choices": [chunk]})
+    if include_usage:
+        yield sse(head | {"choices": [], "usage": _usage(list(seqs.values()), len(ids), cached)})
+    yield SSE_DONE

@@ -1,0 +1,141 @@
+"""The scheduler's process in the server: the Scheduler loop behind two ZMQ sockets.
+
+    API process  --TokenizedGenerateReqInput / AbortReq / FlushCacheReq / GetServerInfoReq-->
+    scheduler    --BatchOutput / RequestError / FlushCacheResult / ServerInfo------------------>
+
+While requests run, it drains its inbox without blocking between steps; when idle it waits on
+the inbox. Every step reports the sequences that gained tokens (streaming requests) or ended;
+every `STATS_INTERVAL` seconds of work it also pushes its counters (for /metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import zmq
+
+from lmprog.runtime.managers import codec
+from lmprog.runtime.managers.io_struct import (
+    AbortReq,
+    BatchOutput,
+    FlushCacheReq,
+    FlushCacheResult,
+    GetServerInfoReq,
+    RequestError,
+    SchedulerReady,
+    SeqOutput,
+    ServerInfo,
+    TokenizedGenerateReqInput,
+)
+from lmprog.runtime.managers.schedule_batch import Req
+from lmprog.runtime.managers.scheduler import Scheduler
+from lmprog.runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+STATS_INTERVAL = 0.5
+IDLE_POLL_MS = 1000  # also how soon an orphaned scheduler notices its parent is gone
+
+
+def run_scheduler_process(
+    server_args: ServerArgs, inbox_addr: str, outbox_addr: str, ready: Connection
+) -> None:
+    """Process entry: loads the model, says ready (or why not), then serves until killed."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s scheduler %(message)s")
+    try:
+        scheduler = Scheduler(server_args)
+    except Exception as e:  # noqa: BLE001 -- the API process prints it and exits
+        ready.send(f"{type(e).__name__}: {e}")
+        raise SystemExit(1) from None
+    mr = scheduler.model_runner
+    ctx = zmq.Context()
+    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inbox.connect(inbox_addr)
+    outbox.connect(outbox_addr)
+    ready.send(
+        SchedulerReady(
+            model_path=server_args.model_path,
+            context_len=mr.context_len,
+            vocab_size=mr.vocab_size,
+            max_total_tokens=mr.max_total_tokens,
+            device=str(mr.device),
+            dtype=str(mr.dtype).removeprefix("torch."),
+        )
+    )
+    SchedulerLoop(scheduler, inbox, outbox).run()
+
+
+class SchedulerLoop:
+    def __init__(self, scheduler: Scheduler, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+        self.scheduler = scheduler
+        self.inbox = inbox
+        self.outbox = outbox
+        self.parent = os.getppid()
+        self._last_stats = 0.0
+
+    def run(self) -> None:
+        while True:
+            for message in self._receive(block=not self.scheduler.has_work()):
+                self._handle(message)
+            if self.scheduler.has_work():
+                reports = [self._report(r) for r in self.scheduler.step() if r.stream or r.finished]
+                if reports:
+                    self._send(BatchOutput(reports))
+                if time.monotonic() - self._last_stats > STATS_INTERVAL:
+                    self._send(self._server_info())
+            elif os.getppid() != self.parent:
+                logger.info("the API process is gone; exiting")
+                return
+
+    def _receive(self, block: bool) -> list[Any]:
+        messages = []
+        if block and not self.inbox.poll(IDLE_POLL_MS):
+            return messages
+        while True:
+            try:
+                messages.append(codec.decode(self.inbox.recv(zmq.NOBLOCK)))
+            except zmq.Again:
+                return messages
+
+    def _handle(self, message: Any) -> None:
+        sched = self.scheduler
+        if isinstance(message, TokenizedGenerateReqInput):
+            try:
+                sched.add_request(message)
+            except ValueError as e:
+                self._send(RequestError(message.rid, str(e)))
+        elif isinstance(message, AbortReq):
+            sched.abort_request(message.rid)
+        elif isinstance(message, FlushCacheReq):
+            self._send(FlushCacheResult(sched.flush_cache()))
+        elif isinstance(message, GetServerInfoReq):
+            self._send(self._server_info())
+        else:
+            raise TypeError(f"unknown message {type(message).__name__}")
+
+    def _report(self, req: Req) -> SeqOutput:
+        start, req.reported_tokens = req.reported_tokens, len(req.output_ids)
+        return SeqOutput(
+            rid=req.rid,
+            index=req.index,
+            token_ids=req.output_ids[start:],
+            text=req.output_text.stream_delta(),
+            logprobs=req.logprobs[start:] if req.logprobs is not None else None,
+            finish_reason=req.finished_reason,
+            prompt_tokens=len(req.origin_input_ids),
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.num_cached_tokens,
+        )
+
+    def _server_info(self) -> ServerInfo:
+        self._last_stats = time.monotonic()
+        stats = self.scheduler.stats
+        counters = dataclasses.asdict(stats) | {"cache_hit_rate": stats.cache_hit_rate}
+        return ServerInfo(kv=self.scheduler.kv_stats(), stats=counters)
+
+    def _send(self, message: Any) -> None:
+        self.outbox.send(codec.encode(message))
