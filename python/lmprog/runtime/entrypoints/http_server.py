@@ -12,11 +12,13 @@ TokenizerManager kept on `app.state.tm`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import multiprocessing as mp
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -120,7 +122,14 @@ class _Guard:
 
 
 class _Server(uvicorn.Server):
-    """Says where it listens once the socket is bound (ready means ready)."""
+    """Says where it listens once the socket is bound (ready means ready), and exits 0 after a
+    SIGTERM/SIGINT drained the in-flight requests (uvicorn would re-raise the signal)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()  # the shutdown they asked for is done
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
