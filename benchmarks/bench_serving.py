@@ -19,9 +19,8 @@ table also shows the server-reported prompt tokens, which total tok/s uses when 
 `--compare-offline` then runs the same prompts through the in-process `lmprog.LLM` (greedy,
 ignore_eos, `max_running_requests` = `--max-concurrency`) and prints the HTTP/offline output tok/s
 ratio (the target: the HTTP path within 20% of the offline engine). It runs after the HTTP run, but
-a running server keeps its threads and memory (the script prints a warning): on a small CPU machine
-an idle server still competes, so point it at a server on another machine or expect the offline
-number to be understated.
+the server process still holds its threads and memory (the script prints a warning): on a small
+CPU machine even an idle server takes some CPU time, so the offline number may come out low.
 """
 
 from __future__ import annotations
@@ -258,7 +257,8 @@ def run_offline(args: argparse.Namespace, prompts: list[str]) -> float:
 
     print(
         f"\nWARNING: the server at {args.base_url} still holds its threads and memory; on a small "
-        "CPU machine stop it first or the offline number is understated."
+        "CPU machine it competes with the offline engine, which lowers the offline number and "
+        "flatters the HTTP/offline ratio."
     )
     engine_args = {"max_running_requests": args.max_concurrency} if args.max_concurrency else {}
     llm = LLM(args.offline_model, seed=args.seed, **engine_args)

@@ -57,10 +57,12 @@ class Server:
     def logs(self) -> str:
         return Path(self.log.name).read_text()[-3000:]
 
-    def children(self) -> list[int]:
-        pgrep = ["pgrep", "-P", str(self.proc.pid)]
+    def scheduler_pid(self) -> int:
+        """The scheduler process (not multiprocessing's resource tracker)."""
+        pgrep = ["pgrep", "-P", str(self.proc.pid), "-f", "spawn_main"]
         out = subprocess.run(pgrep, capture_output=True, text=True, check=False)
-        return [int(p) for p in out.stdout.split()]
+        (pid,) = [int(p) for p in out.stdout.split()]
+        return pid
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -98,12 +100,18 @@ def start_server(*flags: str) -> Server:
     return server
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_servers() -> Iterator[None]:
+    """Every server ends with the session: SIGTERM, and it must exit 0."""
+    yield
+    codes = {s.url: s.stop() for s in _SERVERS}
+    assert all(code == 0 for code in codes.values()), codes
+
+
 @pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
+def server() -> Server:
     """The default server: the embedded model, no API key."""
-    s = start_server()
-    yield s
-    assert s.stop() == 0, s.logs()
+    return start_server()
 
 
 @pytest.fixture(autouse=True)

@@ -97,24 +97,25 @@ class _Guard:
         declared = headers.get(b"content-length")
         if declared is not None and int(declared) > self.limit:
             return await self._too_large(int(declared), scope, receive, send)
-        # Chunked bodies carry no length: read it (up to the limit) before the app does.
-        body, more = [], True
-        size = 0
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            body.append(message.get("body", b""))
-            size += len(body[-1])
-            more = message.get("more_body", False)
-            if size > self.limit:
-                return await self._too_large(size, scope, receive, send)
-        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+        if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # A chunked body carries no length: read it (up to the limit) before the app does.
+            parts, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                parts.append(message.get("body", b""))
+                size += len(parts[-1])
+                more = message.get("more_body", False)
+                if size > self.limit:
+                    return await self._too_large(size, scope, receive, send)
+            replay = [{"type": "http.request", "body": b"".join(parts), "more_body": False}]
 
-        async def replayed() -> dict:
-            return replay.pop() if replay else await receive()
+            async def replayed() -> dict:
+                return replay.pop() if replay else await receive()
 
-        await self.app(scope, replayed, send)
+            return await self.app(scope, replayed, send)
+        await self.app(scope, receive, send)
 
     async def _too_large(self, size: int, scope: dict, receive: Any, send: Any) -> None:
         message = f"request body has {size} bytes; the limit is {self.limit} (max_request_bytes)"
