@@ -241,3 +241,35 @@ def test_abort_request_by_id(server) -> None:
         threading.Event().wait(0.1)
     t.join(30)
     assert result["r"]["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+def test_metrics_count_requests_tokens_latencies_and_cache(server) -> None:
+    def scrape() -> dict[str, float]:
+        text = requests.get(f"{server.url}/metrics").text
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    label = f'{{model_name="{MODEL}"}}'
+    before = scrape()
+    body = {
+        "text": "The capital of France is",
+        "sampling_params": {"max_new_tokens": 5, "temperature": 0},
+    }
+    for _ in range(2):
+        requests.post(f"{server.url}/generate", json=body).raise_for_status()
+    after = scrape()
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert grew(f"lmprog_generation_tokens_total{label}") == 10
+    assert grew(f"lmprog_prompt_tokens_total{label}") == 10
+    assert grew(f"lmprog_time_to_first_token_seconds_count{label}") == 2
+    assert grew(f"lmprog_e2e_request_latency_seconds_count{label}") == 2
+    assert grew(f"lmprog_prefix_cache_hit_tokens{label}") >= 4  # the second run hit the first
+    assert after[f"lmprog_num_requests_running{label}"] == 0
+    assert 0 <= after[f"lmprog_kv_cache_usage_ratio{label}"] <= 1

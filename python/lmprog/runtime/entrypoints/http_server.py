@@ -27,6 +27,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from lmprog.runtime.entrypoints.errors import error_response, install_error_handlers
+from lmprog.runtime.entrypoints.metrics import Metrics
+from lmprog.runtime.entrypoints.metrics import router as metrics_router
 from lmprog.runtime.entrypoints.native_api import router as native_router
 from lmprog.runtime.entrypoints.openai_api import router as openai_router
 from lmprog.runtime.managers.io_struct import SchedulerReady
@@ -51,6 +53,7 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         tm = TokenizerManager(args, ready, tokenizer, inbox, outbox)
+        tm.metrics = Metrics(args.model_name)
         tm.start()
         app.state.tm = tm
         watchdog = asyncio.get_running_loop().create_task(_watch(tm))
@@ -73,6 +76,7 @@ def build_app(
     app.add_middleware(_Guard, args=args)
     app.include_router(native_router)
     app.include_router(openai_router)
+    app.include_router(metrics_router)
     return app
 
 

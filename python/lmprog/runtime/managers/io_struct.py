@@ -87,6 +87,8 @@ class SeqOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    # When finished: seconds to the first token, mean seconds between tokens, end to end.
+    latencies: tuple[float, float, float] | None = None
 
 
 @dataclass

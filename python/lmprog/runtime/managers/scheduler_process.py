@@ -129,6 +129,7 @@ class SchedulerLoop:
             prompt_tokens=len(req.origin_input_ids),
             completion_tokens=len(req.output_ids),
             cached_tokens=req.num_cached_tokens,
+            latencies=_latencies(req) if req.finished else None,
         )
 
     def _server_info(self) -> ServerInfo:
@@ -139,3 +140,12 @@ class SchedulerLoop:
 
     def _send(self, message: Any) -> None:
         self.outbox.send(codec.encode(message))
+
+
+def _latencies(req: Req) -> tuple[float, float, float] | None:
+    t = req.times
+    if t.first_token is None or t.finished is None:
+        return None
+    n = len(req.output_ids)
+    itl = (t.last_token - t.first_token) / (n - 1) if n > 1 else 0.0
+    return (t.first_token - t.arrival, itl, t.finished - t.arrival)

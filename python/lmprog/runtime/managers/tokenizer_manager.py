@@ -78,6 +78,7 @@ class TokenizerManager:
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}"
         self.server_info: ServerInfo | None = None  # the scheduler's latest counters
+        self.metrics: Any = None  # entrypoints.metrics.Metrics, set by the server
         self.alive = True
         self._loop_task: asyncio.Task | None = None
 
@@ -141,6 +142,8 @@ class TokenizerManager:
                     raise item
                 if item.finish_reason is not None:
                     state.finished += 1
+                    if self.metrics is not None:
+                        self.metrics.finished(item)
                 yield item
             done = True
         finally:
