@@ -88,6 +88,43 @@ async def gather_outputs(gen: AsyncIterator[Any]) -> list[Any]:
         raise APIError(400, str(e)) from None
 
 
+async def merge_streams(
+    tm: TokenizerManager, jobs: list[tuple[list[int], SamplingParams, str, str | None]]
+) -> AsyncIterator[tuple[int, Any]]:
+    """Streams several requests (input_ids, params, rid, input_text) at once; yields
+    (job index, SeqOutput) as reports arrive. A refused request raises APIError (400, or 503
+    when the scheduler is gone); leaving early aborts every request still running."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(
+        k: int, ids: list[int], params: SamplingParams, rid: str, text: str | None
+    ) -> None:
+        try:
+            async for out in tm.generate(ids, params, rid=rid, input_text=text, stream=True):
+                await queue.put((k, out))
+        except (ValueError, SchedulerDiedError) as e:
+            await queue.put((k, e))
+        finally:
+            await queue.put((k, None))
+
+    tasks = [asyncio.ensure_future(pump(k, *job)) for k, job in enumerate(jobs)]
+    running = len(tasks)
+    try:
+        while running:
+            k, out = await queue.get()
+            if out is None:
+                running -= 1
+            elif isinstance(out, SchedulerDiedError):
+                raise APIError(503, str(out))
+            elif isinstance(out, ValueError):
+                raise APIError(400, str(out))
+            else:
+                yield k, out
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 

@@ -19,6 +19,7 @@ from lmprog.runtime.entrypoints.common import (
     admit,
     gather_outputs,
     make_sampling_params,
+    merge_streams,
     sse,
     tm_of,
     until_disconnect,
@@ -284,35 +285,13 @@ async def _stream(
     tm: Any, prompts: list[_Prompt], rids: list[str], start: float, want_logprobs: bool
 ) -> AsyncIterator[str]:
     """SSE: each chunk carries one sequence's text so far (SGLang's shape), then [DONE]."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(p: _Prompt, rid: str) -> None:
-        try:
-            async for out in tm.generate(
-                p.input_ids, p.params, rid=rid, input_text=p.text, stream=True
-            ):
-                await queue.put((rid, out))
-        except Exception as e:  # noqa: BLE001 -- reported in the stream, already begun
-            await queue.put((rid, e))
-        finally:
-            await queue.put((rid, None))
-
-    tasks = [asyncio.ensure_future(pump(p, rid)) for p, rid in zip(prompts, rids)]
-    seqs: dict[tuple[str, int], SeqResult] = {}
-    running = len(tasks)
+    jobs = [(p.input_ids, p.params, rid, p.text) for p, rid in zip(prompts, rids)]
+    seqs: dict[tuple[int, int], SeqResult] = {}
     try:
-        while running:
-            rid, out = await queue.get()
-            if out is None:
-                running -= 1
-                continue
-            if isinstance(out, Exception):
-                yield sse(error_payload(str(out), 400 if isinstance(out, ValueError) else 503))
-                continue
-            seq = seqs.setdefault((rid, out.index), SeqResult(out.index))
+        async for k, out in merge_streams(tm, jobs):
+            seq = seqs.setdefault((k, out.index), SeqResult(out.index))
             seq.add(out)
-            yield sse(_item(rid, seq, start, want_logprobs))
-        yield SSE_DONE
-    finally:
-        for task in tasks:
-            task.cancel()
+            yield sse(_item(rids[k], seq, start, want_logprobs))
+    except APIError as e:  # the stream has begun: the error is its last event
+        yield sse(error_payload(e.message, e.status))
+    yield SSE_DONE

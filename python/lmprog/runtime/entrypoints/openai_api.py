@@ -6,11 +6,10 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
 from lmprog.runtime.entrypoints.common import (
     SSE_DONE,
@@ -18,6 +17,7 @@ from lmprog.runtime.entrypoints.common import (
     admit,
     gather_outputs,
     make_sampling_params,
+    merge_streams,
     sse,
     tm_of,
     until_disconnect,
@@ -25,80 +25,10 @@ from lmprog.runtime.entrypoints.common import (
 )
 from lmprog.runtime.entrypoints.errors import APIError, error_payload
 from lmprog.runtime.entrypoints.native_api import SeqResult
+from lmprog.runtime.entrypoints.openai_protocol import ChatCompletionRequest, CompletionRequest
 from lmprog.runtime.managers.io_struct import SeqOutput
 
 router = APIRouter(prefix="/v1")
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    # Beyond OpenAI (vLLM's extras)
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = None
-    min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
-
-    def sampling_values(self) -> dict[str, Any]:
-        keys = [
-            "max_tokens",
-            "temperature",
-            "top_p",
-            "n",
-            "stop",
-            "seed",
-            "presence_penalty",
-            "frequency_penalty",
-            "top_k",
-            "min_p",
-            "repetition_penalty",
-            "ignore_eos",
-            "min_tokens",
-            "stop_token_ids",
-            "skip_special_tokens",
-            "include_stop_str_in_output",
-        ]
-        return {k: getattr(self, k) for k in keys}
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
-    max_tokens: int | None = 16
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage]
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = None
 
 
 def _check_model(request: Request, model: str | None) -> str:
@@ -240,12 +170,10 @@ async def _stream_completion(
     n = params.n
     seqs: dict[int, SeqResult] = {}
     prompt_tokens, cached = 0, 0
-    async for i, out in _merge(tm, prompts, params, rid):
+    jobs = [(ids, params, f"{rid}-{k}", text) for k, (ids, text) in enumerate(prompts)]
+    async for i, out in merge_streams(tm, jobs):
         idx = i * n + out.index
         seq = seqs.setdefault(idx, SeqResult(idx))
-        if isinstance(out, Exception):
-            yield sse(error_payload(str(out)))
-            continue
         if not seq.token_ids and req.echo:
             out.text = prompts[i][1] + out.text
         before = len(seq.logprobs)
@@ -269,37 +197,6 @@ async def _stream_completion(
             head | {"choices": [], "usage": _usage(list(seqs.values()), prompt_tokens, cached)}
         )
     yield SSE_DONE
-
-
-async def _merge(tm: Any, prompts: list, params: Any, rid: str) -> AsyncIterator[tuple[int, Any]]:
-    """The streamed reports of several prompts, interleaved as they come: (prompt index, out)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(k: int, ids: list[int], text: str) -> None:
-        try:
-            async for out in tm.generate(
-                ids, params, rid=f"{rid}-{k}", input_text=text, stream=True
-            ):
-                await queue.put((k, out))
-        except Exception as e:  # noqa: BLE001 -- reported in the stream, already begun
-            await queue.put((k, e))
-        finally:
-            await queue.put((k, None))
-
-    tasks = [asyncio.ensure_future(pump(k, ids, t)) for k, (ids, t) in enumerate(prompts)]
-    running = len(tasks)
-    try:
-        while running:
-            k, out = await queue.get()
-            if out is None:
-                running -= 1
-            elif isinstance(out, Exception):
-                raise APIError(400, str(out))
-            else:
-                yield k, out
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def _sse_response(gen: AsyncIterator[str]) -> StreamingResponse:
@@ -414,7 +311,7 @@ async def _stream_chat(
             "finish_reason": None,
         }
         yield sse(head | {"choices": [role]})
-    async for _, out in _merge(tm, [(ids, None)], params, rid):
+    async for _, out in merge_streams(tm, [(ids, params, rid, None)]):
         seq = seqs.setdefault(out.index, SeqResult(out.index))
         before = len(seq.logprobs)
         seq.add(out)
