@@ -18,6 +18,7 @@ import torch
 from lmprog.runtime.layers.sampler import Sampler
 from lmprog.runtime.managers.detokenizer import OutputText
 from lmprog.runtime.managers.io_struct import FinishReason, TokenizedGenerateReqInput
+from lmprog.runtime.managers.kv_accounting import check_integrity, kv_stats
 from lmprog.runtime.managers.prefill_adder import (
     INIT_NEW_TOKEN_RATIO,
     MIN_NEW_TOKEN_RATIO,
@@ -37,20 +38,11 @@ from lmprog.runtime.mem_cache.radix_cache import RadixCache
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 from lmprog.runtime.model_executor.model_runner import ModelRunner
 from lmprog.runtime.sampling.sampling_batch_info import SamplingBatchInfo
+from lmprog.runtime.sampling.seeded_random import derive_seed
 from lmprog.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
-
-_MASK64 = (1 << 64) - 1
 _EMPTY = torch.empty(0, dtype=torch.int64)
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for continuation `index` of a request seeded with `seed` (splitmix64)."""
-    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
 
 
 @dataclass
@@ -156,7 +148,7 @@ class Scheduler:
 
     def abort_request(self, rid: str) -> None:
         """Ends request `rid` wherever it is; it is reported finished with reason 'abort'."""
-        for req in [*self.waiting, *self.running, *self._chunked()]:
+        for req in [*self.waiting, *self.active_requests()]:
             if req.rid == rid and not req.finished:
                 req.finish(FinishReason("abort", message="aborted by the client"))
 
@@ -444,11 +436,12 @@ class Scheduler:
             self.req_to_token_pool.free(req.req_pool_idx)
             req.req_pool_idx = None
 
-    def _chunked(self) -> list[Req]:
-        return [self.chunked_req] if self.chunked_req is not None else []
+    def active_requests(self) -> list[Req]:
+        """Requests holding KV: the running ones and a prompt being prefilled in chunks."""
+        return self.running + ([self.chunked_req] if self.chunked_req is not None else [])
 
     def _collect_aborted(self) -> list[Req]:
-        aborted = [r for r in [*self.waiting, *self.running, *self._chunked()] if r.finished]
+        aborted = [r for r in [*self.waiting, *self.active_requests()] if r.finished]
         for req in aborted:
             self._release(req)
         if aborted:
@@ -468,49 +461,8 @@ class Scheduler:
 
     # ---- accounting -----------------------------------------------------------------------
     def kv_stats(self) -> dict[str, int]:
-        held = sum(r.kv_len - r.prefix_indices.numel() for r in self.running + self._chunked())
-        return {
-            "total": self.allocator.size,
-            "free": self.allocator.available_size(),
-            "evictable": self.tree_cache.evictable_size,
-            "protected": self.tree_cache.protected_size,
-            "locked_nodes": self.tree_cache.locked_nodes(),
-            "held_by_requests": held,
-            "running_requests": len(self.running),
-            "waiting_requests": len(self.waiting),
-            "free_request_slots": self.req_to_token_pool.available_size(),
-        }
+        return kv_stats(self)
 
     def check_integrity(self) -> None:
-        """Asserts the KV accounting: every KV page is exactly one of free, held by the prefix
-        cache, or held by one request; when idle, also that every slot and lock is released."""
-        self.allocator.check_integrity()
-        self.req_to_token_pool.check_integrity()
-        self.tree_cache.check_integrity()
-        page = self.server_args.page_size
-        rows = self.req_to_token_pool.req_to_token
-        owners = {
-            "free": self.allocator.free_pages(),
-            "cache": torch.unique(self.tree_cache.cached_slots() // page),
-        }
-        for req in self.running + self._chunked():
-            own = rows[req.req_pool_idx, req.prefix_indices.numel() : req.kv_len]
-            owners[f"request {req.rid}/{req.index}"] = torch.unique(own.cpu() // page)
-        pages = torch.cat(list(owners.values()))
-        if (
-            pages.numel() != self.allocator.num_pages
-            or torch.unique(pages).numel() != pages.numel()
-        ):
-            counts = {k: v.numel() for k, v in owners.items()}
-            raise AssertionError(
-                f"KV pages lost or owned twice: {counts}, {self.allocator.num_pages} pages"
-            )
-        s = self.kv_stats()
-        if page == 1:
-            assert (
-                s["free"] + s["evictable"] + s["protected"] + s["held_by_requests"] == s["total"]
-            ), s
-        if not self.has_work():
-            assert s["free"] + s["evictable"] + s["protected"] == s["total"], s
-            assert s["protected"] == 0, f"locks held while idle: {s}"
-            assert s["free_request_slots"] == self.req_to_token_pool.size, s
+        """Asserts the KV accounting (kv_accounting.py)."""
+        check_integrity(self)

@@ -86,3 +86,15 @@ def argmax_first(x: torch.Tensor) -> torch.Tensor:
     """Index of each row's maximum, the first one on ties. (`max(dim).indices` is
     documented to pick the first too, and runs ~30% faster than argmax on CPU.)"""
     return x.max(dim=-1).indices
+
+
+_MASK64 = (1 << 64) - 1
+_EMPTY = torch.empty(0, dtype=torch.int64)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for continuation `index` of a request seeded with `seed` (splitmix64)."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
