@@ -248,11 +248,11 @@ def _item(rid: str, seq: SeqResult, start: float, want_logprobs: bool) -> dict:
 @router.post("/generate")
 async def generate(request: Request) -> Any:
     tm = tm_of(request)
-    prompts, batch = _parse_generate(await request.json(), tm.tokenizer)
+    body = await request.json()
+    prompts, batch = _parse_generate(body, tm.tokenizer)
     for i, p in enumerate(prompts):
         validate(tm, p.input_ids, p.params, f"prompt {i}: " if batch else "")
     admit(tm, len(prompts))
-    body = await request.json()
     stream = bool(body.get("stream"))
     want_logprobs = bool(body.get("return_logprob"))
     start = time.perf_counter()
