@@ -122,3 +122,23 @@ def test_a_dead_scheduler_makes_the_server_exit_nonzero() -> None:
         code = server.stop()
     assert code not in (0, None), server.logs()
     assert "scheduler process died" in server.logs()
+
+
+def test_an_unloadable_model_fails_at_startup_with_a_clear_message() -> None:
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), HF_HUB_OFFLINE="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "lmprog.launch_server", "--model-path", "org/no-such-model"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert "cannot load the model" in run.stderr and "org/no-such-model" in run.stderr
+    assert "ready" not in run.stdout
