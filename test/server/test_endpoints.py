@@ -273,3 +273,22 @@ def test_metrics_count_requests_tokens_latencies_and_cache(server) -> None:
     assert grew(f"lmprog_prefix_cache_hit_tokens{label}") >= 4  # the second run hit the first
     assert after[f"lmprog_num_requests_running{label}"] == 0
     assert 0 <= after[f"lmprog_kv_cache_usage_ratio{label}"] <= 1
+
+
+def test_max_new_tokens_0_caches_the_prompt_and_generates_nothing(server) -> None:
+    assert requests.post(f"{server.url}/flush_cache").json()["success"]
+    prefix = "You are a careful assistant. Answer in one word. Question: what colour is the sky?"
+    r = requests.post(
+        f"{server.url}/generate", json={"text": prefix, "sampling_params": {"max_new_tokens": 0}}
+    )
+    out = r.json()
+    assert out["text"] == "" and out["output_ids"] == []
+    meta = out["meta_info"]
+    assert meta["completion_tokens"] == 0 and meta["finish_reason"] == {"type": "length"}
+    n_prefix = meta["prompt_tokens"]
+    ids = requests.post(f"{server.url}/tokenize", json={"text": prefix}).json()["tokens"]
+    follow = requests.post(
+        f"{server.url}/generate",
+        json={"input_ids": [*ids, 28], "sampling_params": {"max_new_tokens": 1}},
+    ).json()
+    assert follow["meta_info"]["cached_tokens"] == n_prefix

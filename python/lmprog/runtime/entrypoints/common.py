@@ -89,18 +89,21 @@ async def gather_outputs(gen: AsyncIterator[Any]) -> list[Any]:
 
 
 async def merge_streams(
-    tm: TokenizerManager, jobs: list[tuple[list[int], SamplingParams, str, str | None]]
+    tm: TokenizerManager, jobs: list[tuple[list[int], SamplingParams, str, str | None, bool]]
 ) -> AsyncIterator[tuple[int, Any]]:
-    """Streams several requests (input_ids, params, rid, input_text) at once; yields
+    """Streams several requests (input_ids, params, rid, input_text, prefill_only); yields
     (job index, SeqOutput) as reports arrive. A refused request raises APIError (400, or 503
     when the scheduler is gone); leaving early aborts every request still running."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(
-        k: int, ids: list[int], params: SamplingParams, rid: str, text: str | None
+        k: int, ids: list[int], params: SamplingParams, rid: str, text: str | None, prefill: bool
     ) -> None:
         try:
-            async for out in tm.generate(ids, params, rid=rid, input_text=text, stream=True):
+            gen = tm.generate(
+                ids, params, rid=rid, input_text=text, stream=True, prefill_only=prefill
+            )
+            async for out in gen:
                 await queue.put((k, out))
         except (ValueError, SchedulerDiedError) as e:
             await queue.put((k, e))

@@ -166,6 +166,7 @@ class _Prompt:
     input_ids: list[int]
     text: str | None
     params: SamplingParams
+    prefill_only: bool = False  # max_new_tokens 0: cache the prompt, generate nothing
 
 
 def _parse_generate(body: Any, tokenizer: Any) -> tuple[list[_Prompt], bool]:
@@ -211,8 +212,11 @@ def _parse_generate(body: Any, tokenizer: Any) -> tuple[list[_Prompt], bool]:
         values = {NATIVE_ALIASES.get(k, k): v for k, v in {**flat, **sp}.items()}
         if body.get("return_logprob"):
             values.setdefault("logprobs", int(body.get("top_logprobs_num") or 0))
+        prefill_only = values.get("max_tokens") == 0
+        if prefill_only:
+            values |= {"max_tokens": 1, "n": 1}
         params = make_sampling_params(values, "sampling_params.")
-        prompts.append(_Prompt(p_ids, p_text, params))
+        prompts.append(_Prompt(p_ids, p_text, params, prefill_only))
     return prompts, batch
 
 
@@ -267,8 +271,11 @@ async def generate(request: Request) -> Any:
         )
 
     async def run_one(p: _Prompt, rid: str) -> list[dict]:
-        outs = await gather_outputs(tm.generate(p.input_ids, p.params, rid=rid, input_text=p.text))
-        seqs = {i: SeqResult(i) for i in range(p.params.n)}
+        gen = tm.generate(
+            p.input_ids, p.params, rid=rid, input_text=p.text, prefill_only=p.prefill_only
+        )
+        outs = await gather_outputs(gen)
+        seqs = {i: SeqResult(i) for i in range(1 if p.prefill_only else p.params.n)}
         for out in outs:
             seqs[out.index].add(out)
         return [_item(rid, s, start, want_logprobs) for s in seqs.values()]
@@ -285,7 +292,7 @@ async def _stream(
     tm: Any, prompts: list[_Prompt], rids: list[str], start: float, want_logprobs: bool
 ) -> AsyncIterator[str]:
     """SSE: each chunk carries one sequence's text so far (SGLang's shape), then [DONE]."""
-    jobs = [(p.input_ids, p.params, rid, p.text) for p, rid in zip(prompts, rids)]
+    jobs = [(p.input_ids, p.params, rid, p.text, p.prefill_only) for p, rid in zip(prompts, rids)]
     seqs: dict[tuple[int, int], SeqResult] = {}
     try:
         async for k, out in merge_streams(tm, jobs):

@@ -170,7 +170,7 @@ async def _stream_completion(
     n = params.n
     seqs: dict[int, SeqResult] = {}
     prompt_tokens, cached = 0, 0
-    jobs = [(ids, params, f"{rid}-{k}", text) for k, (ids, text) in enumerate(prompts)]
+    jobs = [(ids, params, f"{rid}-{k}", text, False) for k, (ids, text) in enumerate(prompts)]
     async for i, out in merge_streams(tm, jobs):
         idx = i * n + out.index
         seq = seqs.setdefault(idx, SeqResult(idx))
@@ -311,7 +311,7 @@ async def _stream_chat(
             "finish_reason": None,
         }
         yield sse(head | {"choices": [role]})
-    async for _, out in merge_streams(tm, [(ids, params, rid, None)]):
+    async for _, out in merge_streams(tm, [(ids, params, rid, None, False)]):
         seq = seqs.setdefault(out.index, SeqResult(out.index))
         before = len(seq.logprobs)
         seq.add(out)

@@ -24,6 +24,7 @@ class TokenizedGenerateReqInput:
     input_text: str | None = None
     arrival_time: float = field(default_factory=time.time)
     stream: bool = False  # report every new token (else only the finished sequence)
+    prefill_only: bool = False  # compute (and cache) the prompt, generate nothing
 
 
 @dataclass

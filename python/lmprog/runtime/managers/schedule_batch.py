@@ -60,6 +60,7 @@ class Req:
     logprobs: list[tuple[float, dict[int, float]]] | None = None
     times: ReqTimes = field(default_factory=lambda: ReqTimes(time.time()))
     stream: bool = False  # the server reports each new token, not only the end
+    prefill_only: bool = False  # finishes once its prompt is computed (max_new_tokens 0)
     reported_tokens: int = 0  # output tokens already reported to the API process
 
     @property

@@ -132,6 +132,7 @@ class Scheduler:
             eos_token_ids=self.eos_token_ids,
             input_text=recv.input_text,
             stream=recv.stream,
+            prefill_only=recv.prefill_only,
         )
         req.times.arrival = recv.arrival_time
         self.waiting.append(req)
@@ -338,11 +339,11 @@ class Scheduler:
         self._failed.append(req)
 
     def process_batch_result(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[Req]:
-        rows = batch.reqs
+        rows, done = batch.reqs, []
         if batch.mode.is_extend:
-            rows, logits = self._after_prefill(batch.reqs, logits)
+            rows, logits, done = self._after_prefill(batch.reqs, logits)
             if not rows:
-                return []
+                return done
         info = SamplingBatchInfo.from_rows(
             [r.sampling_params for r in rows],
             [r.seed for r in rows],
@@ -366,7 +367,7 @@ class Scheduler:
             self.running.extend(r for r in rows if not r.finished)
         else:
             self.running = [r for r in self.running if not r.finished]
-        return rows
+        return done + rows
 
     def _record_logprobs(self, req: Req, row: int, token: int, out) -> None:
         k = req.sampling_params.logprobs
@@ -382,13 +383,19 @@ class Scheduler:
 
     def _after_prefill(
         self, reqs: list[Req], logits: torch.Tensor
-    ) -> tuple[list[Req], torch.Tensor]:
+    ) -> tuple[list[Req], torch.Tensor, list[Req]]:
         """Caches what each request computed (so later requests reuse it even while this one
-        runs); returns the sequences to sample, with their logits rows. A chunk's request
-        samples nothing yet; an `n` > 1 request forks into its `n` sequences."""
+        runs); returns the sequences to sample with their logits rows, and the prefill-only
+        requests it finished. A chunk's request samples nothing yet; an `n` > 1 request forks
+        into its `n` sequences."""
         for req in reqs:
             self.tree_cache.cache_unfinished_req(req)
-        complete = [i for i, r in enumerate(reqs) if r.kv_len == len(r.fill_ids)]
+        prefilled = [r.kv_len == len(r.fill_ids) for r in reqs]
+        done = [r for r, p in zip(reqs, prefilled) if p and r.prefill_only]
+        for req in done:  # its prompt is cached now; nothing to generate
+            req.finish(FinishReason("length"))
+            self._release(req)
+        complete = [i for i, r in enumerate(reqs) if prefilled[i] and not r.prefill_only]
         if len(complete) < len(reqs):
             logits = logits[complete]
             reqs = [reqs[i] for i in complete]
@@ -396,7 +403,7 @@ class Scheduler:
         rows = [seq for req in reqs for seq in self._fork(req)]
         if len(rows) > len(reqs):
             logits = logits.repeat_interleave(torch.tensor(counts, device=logits.device), dim=0)
-        return rows, logits
+        return rows, logits, done
 
     def _fork(self, req: Req) -> list[Req]:
         """After its first prefill, a request with n > 1 forks into n sequences sharing the

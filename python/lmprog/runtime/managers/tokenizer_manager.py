@@ -124,15 +124,18 @@ class TokenizerManager:
         rid: str | None = None,
         input_text: str | None = None,
         stream: bool = False,
+        prefill_only: bool = False,
     ) -> AsyncIterator[SeqOutput]:
         """Runs one validated request; yields its sequences' reports until all `n` ended.
         Raises ValueError if the scheduler refuses it. Leaving early aborts the request."""
         rid = rid or self.new_rid()
-        state = _ReqState(params.n)
+        state = _ReqState(1 if prefill_only else params.n)
         self._states[rid] = state
         done = False
         try:
-            req = TokenizedGenerateReqInput(rid, input_ids, params, input_text, stream=stream)
+            req = TokenizedGenerateReqInput(
+                rid, input_ids, params, input_text, stream=stream, prefill_only=prefill_only
+            )
             await self._send(req)
             while state.finished < state.n:
                 item = await state.queue.get()
