@@ -70,6 +70,14 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [B, K] float32
     top_logprob_ids: torch.Tensor | None  # [B, K] int64
 
+    def row_logprobs(self, row: int, k: int) -> tuple[float, dict[int, float]]:
+        """Row `row`'s chosen-token logprob and its top `k` as {token id: logprob}."""
+        top: dict[int, float] = {}
+        if k and self.top_logprobs is not None:
+            ids = self.top_logprob_ids[row, :k].tolist()
+            top = dict(zip(ids, self.top_logprobs[row, :k].tolist()))
+        return float(self.logprobs[row]), top
+
 
 class Sampler:
     """Turns a step's logits into next tokens; stateless apart from its settings."""

@@ -96,6 +96,13 @@ class Req:
         elif n_out >= self.max_new_tokens or len(self.origin_input_ids) + n_out >= context_len:
             self.finished_reason = FinishReason("length")
 
+    def record_logprob(self, chosen: float, top: dict[int, float]) -> None:
+        """Keeps the sampled token's logprob and the top-k of its step."""
+        if self.logprobs is None:
+            self.logprobs, self.cumulative_logprob = [], 0.0
+        self.logprobs.append((chosen, top))
+        self.cumulative_logprob += chosen
+
     def finish(self, reason: FinishReason) -> None:
         self.finished_reason = reason
 

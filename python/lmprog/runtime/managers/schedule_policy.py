@@ -38,6 +38,14 @@ def prioritize(
     return _dfs_weight_order(waiting, matches), matches
 
 
+def retraction_order(running: list[Req], chunked: Req | None) -> list[Req]:
+    """Who leaves first when decode runs out of KV: a prompt still being chunked (no output
+    yet), then the running requests with the fewest generated tokens, the longest prompt first
+    among equals (it frees the most). The most advanced requests keep running."""
+    order = sorted(running, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
+    return ([chunked] if chunked is not None else []) + order
+
+
 def _dfs_weight_order(waiting: list[Req], matches: dict[Req, MatchResult]) -> list[Req]:
     at_node: dict[object, list[Req]] = defaultdict(list)
     for req in waiting:

@@ -30,7 +30,7 @@ from lmprog.runtime.managers.prefill_adder import (
     running_reserve,
 )
 from lmprog.runtime.managers.schedule_batch import Req, build_forward_batch
-from lmprog.runtime.managers.schedule_policy import prioritize
+from lmprog.runtime.managers.schedule_policy import prioritize, retraction_order
 from lmprog.runtime.managers.validation import validate_request
 from lmprog.runtime.mem_cache.base import BasePrefixCache
 from lmprog.runtime.mem_cache.chunk_cache import ChunkCache
@@ -298,9 +298,7 @@ class Scheduler:
 
         if need() <= self._room():
             return
-        victims = sorted(self.running, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
-        if self.chunked_req is not None:
-            victims.insert(0, self.chunked_req)  # no output yet: the first to go
+        victims = retraction_order(self.running, self.chunked_req)
         retracted = []
         while need() > self._room():
             if len(victims) == 1:
@@ -357,7 +355,7 @@ class Scheduler:
         next_ids = out.next_token_ids.tolist()
         for i, (req, token) in enumerate(zip(rows, next_ids)):
             if out.logprobs is not None and req.sampling_params.logprobs is not None:
-                self._record_logprobs(req, i, token, out)
+                req.record_logprob(*out.row_logprobs(i, req.sampling_params.logprobs))
             req.append_token(token, self.context_len)
         self.stats.generated_tokens += len(rows)
         for req in rows:
@@ -368,18 +366,6 @@ class Scheduler:
         else:
             self.running = [r for r in self.running if not r.finished]
         return done + rows
-
-    def _record_logprobs(self, req: Req, row: int, token: int, out) -> None:
-        k = req.sampling_params.logprobs
-        chosen = float(out.logprobs[row])
-        top: dict[int, float] = {}
-        if k and out.top_logprobs is not None:
-            ids = out.top_logprob_ids[row, :k].tolist()
-            top = dict(zip(ids, out.top_logprobs[row, :k].tolist()))
-        if req.logprobs is None:
-            req.logprobs, req.cumulative_logprob = [], 0.0
-        req.logprobs.append((chosen, top))
-        req.cumulative_logprob += chosen
 
     def _after_prefill(
         self, reqs: list[Req], logits: torch.Tensor

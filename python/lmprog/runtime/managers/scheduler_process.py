@@ -5,7 +5,7 @@
 
 While requests run, it drains its inbox without blocking between steps; when idle it waits on
 the inbox. Every step reports the sequences that gained tokens (streaming requests) or ended;
-every `STATS_INTERVAL` seconds of work it also pushes its counters (for /metrics).
+its counters go out when asked (GetServerInfoReq: /get_server_info and /metrics).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -37,7 +36,6 @@ from lmprog.runtime.managers.scheduler import Scheduler
 from lmprog.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
-STATS_INTERVAL = 0.5
 IDLE_POLL_MS = 1000  # also how soon an orphaned scheduler notices its parent is gone
 
 
@@ -75,7 +73,6 @@ class SchedulerLoop:
         self.inbox = inbox
         self.outbox = outbox
         self.parent = os.getppid()
-        self._last_stats = 0.0
 
     def run(self) -> None:
         while True:
@@ -85,8 +82,6 @@ class SchedulerLoop:
                 reports = [self._report(r) for r in self.scheduler.step() if r.stream or r.finished]
                 if reports:
                     self._send(BatchOutput(reports))
-                if time.monotonic() - self._last_stats > STATS_INTERVAL:
-                    self._send(self._server_info())
             elif os.getppid() != self.parent:
                 logger.info("the API process is gone; exiting")
                 return
@@ -133,7 +128,6 @@ class SchedulerLoop:
         )
 
     def _server_info(self) -> ServerInfo:
-        self._last_stats = time.monotonic()
         stats = self.scheduler.stats
         counters = dataclasses.asdict(stats) | {"cache_hit_rate": stats.cache_hit_rate}
         return ServerInfo(kv=self.scheduler.kv_stats(), stats=counters)

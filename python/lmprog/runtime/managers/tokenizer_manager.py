@@ -77,7 +77,6 @@ class TokenizerManager:
         self._control_lock = asyncio.Lock()
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}"
-        self.server_info: ServerInfo | None = None  # the scheduler's latest counters
         self.metrics: Any = None  # entrypoints.metrics.Metrics, set by the server
         self.alive = True
         self._loop_task: asyncio.Task | None = None
@@ -195,8 +194,6 @@ class TokenizerManager:
                 if state is not None:
                     state.queue.put_nowait(message)
             else:
-                if isinstance(message, ServerInfo):
-                    self.server_info = message
                 future = self._control.pop(type(message), None)
                 if future is not None and not future.done():
                     future.set_result(message)

@@ -290,18 +290,3 @@ class RadixCache(BasePrefixCache):
                 "a KV page is owned by two nodes"
             )
             assert not self.allocator.is_free(pages).any(), "the tree holds a free KV page"
-
-    def pretty_print(self) -> str:
-        lines = []
-
-        def walk(node: TreeNode, depth: int) -> None:
-            for child in node.children.values():
-                more = "…" if len(child.key) > 8 else ""
-                lines.append(
-                    f"{'  ' * depth}{child.key[:8]}{more} len={len(child.key)} "
-                    f"lock={child.lock_ref}"
-                )
-                walk(child, depth + 1)
-
-        walk(self.root, 0)
-        return "\n".join(lines)
