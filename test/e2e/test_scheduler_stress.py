@@ -1,6 +1,7 @@
 """Random traffic through the scheduler of a tiny random-weight Llama, in KV pools small enough
 that retraction, eviction and chunking happen all the time: after every step the KV accounting
-balances, and every request ends exactly once with the tokens it asked for.
+balances, every request ends exactly once with the tokens it asked for, and prompt logprobs
+(from random start positions, across chunks, retractions and cached prefixes) equal HF's.
 
 LMPROG_STRESS_SEED=<anything> draws other traffic (for soaking the scheduler locally)."""
 
@@ -58,6 +59,7 @@ def test_random_traffic_in_a_tiny_pool(tiny_model_dir: Path, config: dict) -> No
     rng = random.Random(repr(config) + os.environ.get("LMPROG_STRESS_SEED", ""))
     stems = [[rng.randrange(3, 1000) for _ in range(rng.randrange(4, 40))] for _ in range(4)]
     asked: dict[str, int] = {}  # rid -> expected tokens per sequence (ignore_eos: max_tokens)
+    scored: dict[str, tuple[list[int], int]] = {}  # rid -> (prompt, logprob_start_len)
     ended: dict[str, list] = {}
     for step in range(400):
         if step < 300 and rng.random() < 0.3:
@@ -67,11 +69,20 @@ def test_random_traffic_in_a_tiny_pool(tiny_model_dir: Path, config: dict) -> No
             ]
             n = rng.choice([1, 1, 1, 2])
             asked[rid] = rng.randrange(1, 40)
+            start = rng.randrange(0, len(prompt) + 1)
+            if rng.random() < 0.25:
+                scored[rid] = (prompt, start)
             params = SamplingParams(
-                n=n, max_tokens=asked[rid], ignore_eos=True, temperature=rng.choice([0, 1.0])
+                n=n,
+                max_tokens=asked[rid],
+                ignore_eos=True,
+                temperature=rng.choice([0, 1.0]),
+                prompt_logprobs=0 if rid in scored else None,
             )
             sched.validate(prompt, params)
-            sched.add_request(TokenizedGenerateReqInput(rid, prompt, params))
+            sched.add_request(
+                TokenizedGenerateReqInput(rid, prompt, params, logprob_start_len=start)
+            )
         if asked and rng.random() < 0.05:
             sched.abort_request(rng.choice(list(asked)))
         for req in sched.step():
@@ -91,7 +102,27 @@ def test_random_traffic_in_a_tiny_pool(tiny_model_dir: Path, config: dict) -> No
                 assert len(seq.output_ids) <= asked[rid]
             else:
                 assert (seq.finished_reason.kind, len(seq.output_ids)) == ("length", asked[rid])
+    _check_prompt_logprobs(tiny_model_dir, ended, scored)
     stats = sched.stats
     assert stats.retracted_requests > 0, "the pool was meant to be too small"
     assert engine.reset_prefix_cache()
     assert engine.get_kv_stats()["free"] == engine.get_kv_stats()["total"]
+
+
+def _check_prompt_logprobs(model_dir: Path, ended: dict, scored: dict) -> None:
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    checked = 0
+    for rid, (prompt, start) in scored.items():
+        seq = ended[rid][0]
+        if seq.finished_reason.kind == "abort":
+            continue
+        with torch.inference_mode():
+            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        want = [None if p == 0 else float(ref[p - 1, prompt[p]]) for p in range(start, len(prompt))]
+        got = [lp for lp, _ in seq.input_logprobs]
+        assert len(got) == len(want), rid
+        assert got == pytest.approx(want, abs=1e-4), rid
+        checked += 1
+    assert checked >= 3

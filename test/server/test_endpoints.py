@@ -174,7 +174,10 @@ def test_32_concurrent_requests_each_get_their_own_answer(server, client) -> Non
     ("route", "body", "status", "needle"),
     [
         ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0, "n": 2}, 400, "n"),
+        ("/generate", {"text": "x", "return_logprob": True, "logprob_start_len": -2}, 400, "-2"),
+        ("/generate", {"text": "x", "return_logprob": 1}, 400, "return_logprob"),
         ("/v1/completions", {"model": MODEL, "prompt": "x " * 9000}, 400, "8192"),
         ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "gpt-4"),
         ("/v1/completions", {"model": MODEL}, 400, "prompt"),
@@ -292,3 +295,79 @@ def test_max_new_tokens_0_caches_the_prompt_and_generates_nothing(server) -> Non
         json={"input_ids": [*ids, 28], "sampling_params": {"max_new_tokens": 1}},
     ).json()
     assert follow["meta_info"]["cached_tokens"] == n_prefix
+
+
+# ---- prompt logprobs ------------------------------------------------------------------------
+SKY = "Question: what colour is the sky on a clear day? Answer:"
+
+
+def _offline_prompt_logprobs(llm, ids: list[int]) -> list[float | None]:
+    """The offline engine's prompt logprobs (checked against HF in test_smollm2_vs_hf)."""
+    from lmprog import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+    return [None] + [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], ids[1:])]
+
+
+def test_select_scores_choices_with_input_logprobs(server, llm) -> None:
+    """SGLang's `select` over HTTP: cache the prefix, then score each choice from
+    logprob_start_len = prefix tokens - 2, with token texts."""
+    prefix = requests.post(
+        f"{server.url}/generate", json={"text": SKY, "sampling_params": {"max_new_tokens": 0}}
+    ).json()
+    start = prefix["meta_info"]["prompt_tokens"] - 2
+    choices = [" Blue", " Green", " Purple with spots"]
+    scored = requests.post(
+        f"{server.url}/generate",
+        json={
+            "text": [SKY + c for c in choices],
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+            "return_logprob": True,
+            "logprob_start_len": start,
+            "return_text_in_logprobs": True,
+            "top_logprobs_num": 2,
+        },
+    ).json()
+    for choice, item in zip(choices, scored):
+        meta = item["meta_info"]
+        ids = requests.post(f"{server.url}/tokenize", json={"text": SKY + choice}).json()["tokens"]
+        entries = meta["input_token_logprobs"]
+        assert [tid for _, tid, _ in entries] == ids[start:]
+        assert (
+            "".join(text for _, _, text in entries)
+            == requests.post(f"{server.url}/detokenize", json={"tokens": ids[start:]}).json()[
+                "text"
+            ]
+        )
+        want = _offline_prompt_logprobs(llm, ids)[start:]
+        assert [lp for lp, _, _ in entries] == pytest.approx(want, abs=1e-4)
+        assert all(len(top) == 2 for top in meta["input_top_logprobs"])
+        assert meta["output_token_logprobs"] == [] and item["output_ids"] == []
+        # scored tokens were computed, not read from the prefix cache
+        assert meta["cached_tokens"] <= start
+    means = [sum(lp for lp, _, _ in it["meta_info"]["input_token_logprobs"]) for it in scored]
+    assert means.index(max(means)) == 0  # " Blue" is the likeliest answer
+
+
+def test_completions_echo_logprobs_score_the_prompt(client, llm) -> None:
+    """lm-eval-harness' loglikelihood call: echo, logprobs and max_tokens 0."""
+    r = client.completions.create(model=MODEL, prompt=SKY, max_tokens=0, echo=True, logprobs=1)
+    choice = r.choices[0]
+    assert choice.text == SKY and r.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == SKY
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+    ids = llm.get_tokenizer().encode(SKY)
+    assert lp.token_logprobs[1:] == pytest.approx(_offline_prompt_logprobs(llm, ids)[1:], abs=1e-4)
+    # with generated tokens after the prompt; the stream carries the same tokens and text
+    kw = {"model": MODEL, "prompt": SKY, "max_tokens": 3, "temperature": 0, "echo": True}
+    full = client.completions.create(**kw, logprobs=1).choices[0]
+    assert full.text.startswith(SKY) and len(full.logprobs.tokens) == len(ids) + 3
+    chunks = [c.choices[0] for c in client.completions.create(**kw, logprobs=1, stream=True)]
+    assert "".join(c.text for c in chunks) == full.text
+    streamed = [t for c in chunks for t in c.logprobs.tokens]
+    assert streamed == full.logprobs.tokens
+    offsets = [o for c in chunks for o in c.logprobs.text_offset]
+    assert offsets == full.logprobs.text_offset

@@ -208,18 +208,26 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
 
 
+def _logprob_dict(
+    token: int, chosen: float, top: dict[int, float], tokenizer: Any
+) -> dict[int, Logprob]:
+    """vLLM's per-position entry: the top-k by rank, plus the scored token if not among them."""
+    entry = {
+        tid: Logprob(lp, rank, tokenizer.decode([tid]))
+        for rank, (tid, lp) in enumerate(top.items(), start=1)
+    }
+    if token not in entry:
+        entry[token] = Logprob(chosen, None, tokenizer.decode([token]))
+    return entry
+
+
 def _completion(req: Req, tokenizer: Any) -> CompletionOutput:
     logprobs = None
     if req.logprobs is not None:
-        logprobs = []
-        for token, (chosen, top) in zip(req.output_ids, req.logprobs):
-            entry = {
-                tid: Logprob(lp, rank, tokenizer.decode([tid]))
-                for rank, (tid, lp) in enumerate(top.items(), start=1)
-            }
-            if token not in entry:
-                entry[token] = Logprob(chosen, None, tokenizer.decode([token]))
-            logprobs.append(entry)
+        logprobs = [
+            _logprob_dict(token, chosen, top, tokenizer)
+            for token, (chosen, top) in zip(req.output_ids, req.logprobs)
+        ]
     reason = req.finished_reason
     return CompletionOutput(
         index=req.index,
@@ -230,6 +238,17 @@ def _completion(req: Req, tokenizer: Any) -> CompletionOutput:
         finish_reason=reason.kind if reason else None,
         stop_reason=reason.matched if reason else None,
     )
+
+
+def _prompt_logprobs(req: Req, tokenizer: Any) -> list[dict[int, Logprob] | None] | None:
+    """vLLM's prompt_logprobs: None for the first prompt token, then one entry per token."""
+    if req.input_logprob_start is None:
+        return None
+    tokens = req.origin_input_ids[req.input_logprob_start :]
+    return [
+        None if chosen is None else _logprob_dict(token, chosen, top, tokenizer)
+        for token, (chosen, top) in zip(tokens, req.input_logprobs)
+    ]
 
 
 def _request_output(rid: str, seqs: list[Req], tokenizer: Any) -> RequestOutput:
@@ -256,5 +275,6 @@ def _request_output(rid: str, seqs: list[Req], tokenizer: Any) -> RequestOutput:
         finished=True,
         num_cached_tokens=first.num_cached_tokens,
         metrics=metrics,
+        prompt_logprobs=_prompt_logprobs(first, tokenizer),
         error=errors[0] if errors else None,
     )

@@ -53,5 +53,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
-    prompt_logprobs: list | None = None
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then per token
+    # {token id: Logprob} of the prompt token and the top-k.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     error: str | None = field(default=None)

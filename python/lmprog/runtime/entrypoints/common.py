@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from lmprog.runtime.entrypoints.errors import APIError
+from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
 from lmprog.runtime.managers.tokenizer_manager import (
     QueueFullError,
     SchedulerDiedError,
@@ -89,28 +90,23 @@ async def gather_outputs(gen: AsyncIterator[Any]) -> list[Any]:
 
 
 async def merge_streams(
-    tm: TokenizerManager, jobs: list[tuple[list[int], SamplingParams, str, str | None, bool]]
+    tm: TokenizerManager, reqs: list[TokenizedGenerateReqInput]
 ) -> AsyncIterator[tuple[int, Any]]:
-    """Streams several requests (input_ids, params, rid, input_text, prefill_only); yields
-    (job index, SeqOutput) as reports arrive. A refused request raises APIError (400, or 503
-    when the scheduler is gone); leaving early aborts every request still running."""
+    """Streams several requests; yields (request index, SeqOutput) as reports arrive. A
+    refused request raises APIError (400, or 503 when the scheduler is gone); leaving early
+    aborts every request still running."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(
-        k: int, ids: list[int], params: SamplingParams, rid: str, text: str | None, prefill: bool
-    ) -> None:
+    async def pump(k: int, req: TokenizedGenerateReqInput) -> None:
         try:
-            gen = tm.generate(
-                ids, params, rid=rid, input_text=text, stream=True, prefill_only=prefill
-            )
-            async for out in gen:
+            async for out in tm.generate(dataclasses.replace(req, stream=True)):
                 await queue.put((k, out))
         except (ValueError, SchedulerDiedError) as e:
             await queue.put((k, e))
         finally:
             await queue.put((k, None))
 
-    tasks = [asyncio.ensure_future(pump(k, *job)) for k, job in enumerate(jobs)]
+    tasks = [asyncio.ensure_future(pump(k, req)) for k, req in enumerate(reqs)]
     running = len(tasks)
     try:
         while running:

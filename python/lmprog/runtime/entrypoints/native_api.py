@@ -26,7 +26,7 @@ from lmprog.runtime.entrypoints.common import (
     validate,
 )
 from lmprog.runtime.entrypoints.errors import APIError, error_payload
-from lmprog.runtime.managers.io_struct import SeqOutput
+from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -43,12 +43,14 @@ class SeqResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    input_logprobs: list[tuple[float | None, dict[int, float]]] = field(default_factory=list)
     last: SeqOutput | None = None
 
     def add(self, out: SeqOutput) -> None:
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs or []
+        self.input_logprobs += out.input_logprobs or []
         self.last = out
 
 
@@ -76,9 +78,10 @@ async def health_generate(request: Request) -> JSONResponse:
     """Really generates one token (through the whole path), within a timeout."""
     tm = tm_of(request)
     params = SamplingParams(max_tokens=1, temperature=0)
+    probe = TokenizedGenerateReqInput(tm.new_rid(), [tm.tokenizer.bos_token_id or 0], params)
 
     async def one() -> list:
-        return await gather_outputs(tm.generate([tm.tokenizer.bos_token_id or 0], params))
+        return await gather_outputs(tm.generate(probe))
 
     try:
         await asyncio.wait_for(one(), HEALTH_GENERATE_TIMEOUT)
@@ -162,15 +165,36 @@ async def detokenize(request: Request) -> dict:
 
 # ---- generate -------------------------------------------------------------------------------
 @dataclass
-class _Prompt:
-    input_ids: list[int]
-    text: str | None
-    params: SamplingParams
-    prefill_only: bool = False  # max_new_tokens 0: cache the prompt, generate nothing
+class _LogprobRequest:
+    """What /generate's logprob fields ask for (SGLang's names)."""
+
+    wanted: bool = False  # return_logprob
+    start: int = -1  # logprob_start_len: first prompt position scored; -1: output tokens only
+    top: int = 0  # top_logprobs_num, for prompt and output positions alike
+    with_text: bool = False  # return_text_in_logprobs
+
+    @classmethod
+    def parse(cls, body: dict) -> _LogprobRequest:
+        wanted = body.get("return_logprob") or False
+        start = body.get("logprob_start_len")
+        top = body.get("top_logprobs_num")
+        for name, value, low in (("logprob_start_len", start, -1), ("top_logprobs_num", top, 0)):
+            if value is not None and (type(value) is not int or value < low):
+                raise APIError(400, f"{name} must be an integer >= {low}, got {value!r}", name)
+        if not isinstance(wanted, bool):
+            raise APIError(400, f"return_logprob must be a bool, got {wanted!r}", "return_logprob")
+        return cls(
+            wanted,
+            -1 if start is None else start,
+            top or 0,
+            bool(body.get("return_text_in_logprobs")),
+        )
 
 
-def _parse_generate(body: Any, tokenizer: Any) -> tuple[list[_Prompt], bool]:
-    """(prompts, is_batch) from a /generate body."""
+def _parse_generate(
+    body: Any, tokenizer: Any, new_rid: Any
+) -> tuple[list[TokenizedGenerateReqInput], bool]:
+    """(requests, is_batch) from a /generate body."""
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
     text = body.get("text", body.get("prompt"))
@@ -205,83 +229,105 @@ def _parse_generate(body: Any, tokenizer: Any) -> tuple[list[_Prompt], bool]:
             f"sampling_params has {len(per_prompt)} entries for {len(ids)} prompts",
             "sampling_params",
         )
-    prompts = []
-    for i, (p_ids, p_text, sp) in enumerate(zip(ids, texts, per_prompt)):
+    lp = _LogprobRequest.parse(body)
+    rids = [new_rid() for _ in ids]
+    if body.get("rid") is not None and not batch:
+        rids = [str(body["rid"])]
+    reqs = []
+    for p_ids, p_text, sp, rid in zip(ids, texts, per_prompt, rids):
         if not isinstance(sp, dict):
             raise APIError(400, "sampling_params must be an object", "sampling_params")
         values = {NATIVE_ALIASES.get(k, k): v for k, v in {**flat, **sp}.items()}
-        if body.get("return_logprob"):
-            values.setdefault("logprobs", int(body.get("top_logprobs_num") or 0))
+        if lp.wanted:
+            values.setdefault("logprobs", lp.top)
+            if lp.start >= 0:
+                values["prompt_logprobs"] = lp.top
         prefill_only = values.get("max_tokens") == 0
         if prefill_only:
             values |= {"max_tokens": 1, "n": 1}
         params = make_sampling_params(values, "sampling_params.")
-        prompts.append(_Prompt(p_ids, p_text, params, prefill_only))
-    return prompts, batch
+        reqs.append(
+            TokenizedGenerateReqInput(
+                rid,
+                p_ids,
+                params,
+                p_text,
+                prefill_only=prefill_only,
+                logprob_start_len=max(lp.start, 0),
+            )
+        )
+    return reqs, batch
 
 
-def _meta(rid: str, seq: SeqResult, start: float, want_logprobs: bool) -> dict:
+def _logprob_meta(
+    req: TokenizedGenerateReqInput, seq: SeqResult, lp: _LogprobRequest, tokenizer: Any
+) -> dict:
+    """SGLang's logprob fields: [logprob, token id, text or None] per position, and per
+    position the top-k as such triples (None at prompt position 0)."""
+
+    def triple(tid: int, value: float | None) -> list:
+        return [value, tid, tokenizer.decode([tid]) if lp.with_text else None]
+
+    def tops(top: dict[int, float]) -> list:
+        return [triple(k, v) for k, v in top.items()]
+
+    prompt = req.input_ids[min(lp.start, len(req.input_ids)) :] if lp.start >= 0 else []
+    scored = list(zip(prompt, seq.input_logprobs))
+    return {
+        "input_token_logprobs": [triple(t, v) for t, (v, _) in scored],
+        "input_top_logprobs": [None if v is None else tops(top) for _, (v, top) in scored],
+        "output_token_logprobs": [triple(t, v) for t, (v, _) in zip(seq.token_ids, seq.logprobs)],
+        "output_top_logprobs": [tops(top) for _, top in seq.logprobs],
+    }
+
+
+def _item(
+    req: TokenizedGenerateReqInput,
+    seq: SeqResult,
+    start: float,
+    lp: _LogprobRequest,
+    tokenizer: Any,
+) -> dict:
     last = seq.last
     meta = {
-        "id": rid,
+        "id": req.rid,
         "index": seq.index,
-        "prompt_tokens": last.prompt_tokens if last else 0,
+        "prompt_tokens": last.prompt_tokens if last else len(req.input_ids),
         "completion_tokens": len(seq.token_ids),
         "cached_tokens": last.cached_tokens if last else 0,
         "finish_reason": finish_reason_json(last),
         "e2e_latency": time.perf_counter() - start,
     }
-    if want_logprobs:
-        meta["output_token_logprobs"] = [
-            [lp, tid, None] for (lp, _), tid in zip(seq.logprobs, seq.token_ids)
-        ]
-        meta["output_top_logprobs"] = [
-            [[v, k, None] for k, v in top.items()] for _, top in seq.logprobs
-        ]
-    return meta
-
-
-def _item(rid: str, seq: SeqResult, start: float, want_logprobs: bool) -> dict:
-    return {
-        "text": seq.text,
-        "output_ids": seq.token_ids,
-        "meta_info": _meta(rid, seq, start, want_logprobs),
-    }
+    if lp.wanted:
+        meta |= _logprob_meta(req, seq, lp, tokenizer)
+    return {"text": seq.text, "output_ids": seq.token_ids, "meta_info": meta}
 
 
 @router.post("/generate")
 async def generate(request: Request) -> Any:
     tm = tm_of(request)
     body = await request.json()
-    prompts, batch = _parse_generate(body, tm.tokenizer)
-    for i, p in enumerate(prompts):
-        validate(tm, p.input_ids, p.params, f"prompt {i}: " if batch else "")
-    admit(tm, len(prompts))
-    stream = bool(body.get("stream"))
-    want_logprobs = bool(body.get("return_logprob"))
+    reqs, batch = _parse_generate(body, tm.tokenizer, tm.new_rid)
+    for i, r in enumerate(reqs):
+        validate(tm, r.input_ids, r.sampling_params, f"prompt {i}: " if batch else "")
+    admit(tm, len(reqs))
+    lp = _LogprobRequest.parse(body)
     start = time.perf_counter()
-    rids = [tm.new_rid() for _ in prompts]
-    if body.get("rid") and not batch:
-        rids = [str(body["rid"])]
-    if stream:
+    if body.get("stream"):
         return StreamingResponse(
-            _stream(tm, prompts, rids, start, want_logprobs),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
+            _stream(tm, reqs, start, lp), media_type="text/event-stream", headers=SSE_HEADERS
         )
 
-    async def run_one(p: _Prompt, rid: str) -> list[dict]:
-        gen = tm.generate(
-            p.input_ids, p.params, rid=rid, input_text=p.text, prefill_only=p.prefill_only
-        )
-        outs = await gather_outputs(gen)
-        seqs = {i: SeqResult(i) for i in range(1 if p.prefill_only else p.params.n)}
+    async def run_one(req: TokenizedGenerateReqInput) -> list[dict]:
+        outs = await gather_outputs(tm.generate(req))
+        n = 1 if req.prefill_only else req.sampling_params.n
+        seqs = {i: SeqResult(i) for i in range(n)}
         for out in outs:
             seqs[out.index].add(out)
-        return [_item(rid, s, start, want_logprobs) for s in seqs.values()]
+        return [_item(req, s, start, lp, tm.tokenizer) for s in seqs.values()]
 
     async def run_all() -> list[list[dict]]:
-        return await asyncio.gather(*(run_one(p, rid) for p, rid in zip(prompts, rids)))
+        return await asyncio.gather(*(run_one(r) for r in reqs))
 
     results = await until_disconnect(request, run_all())
     flat = [item for per_prompt in results for item in per_prompt]
@@ -289,16 +335,15 @@ async def generate(request: Request) -> Any:
 
 
 async def _stream(
-    tm: Any, prompts: list[_Prompt], rids: list[str], start: float, want_logprobs: bool
+    tm: Any, reqs: list[TokenizedGenerateReqInput], start: float, lp: _LogprobRequest
 ) -> AsyncIterator[str]:
     """SSE: each chunk carries one sequence's text so far (SGLang's shape), then [DONE]."""
-    jobs = [(p.input_ids, p.params, rid, p.text, p.prefill_only) for p, rid in zip(prompts, rids)]
     seqs: dict[tuple[int, int], SeqResult] = {}
     try:
-        async for k, out in merge_streams(tm, jobs):
+        async for k, out in merge_streams(tm, reqs):
             seq = seqs.setdefault((k, out.index), SeqResult(out.index))
             seq.add(out)
-            yield sse(_item(rids[k], seq, start, want_logprobs))
+            yield sse(_item(reqs[k], seq, start, lp, tm.tokenizer))
     except APIError as e:  # the stream has begun: the error is its last event
         yield sse(error_payload(e.message, e.status))
     yield SSE_DONE

@@ -26,7 +26,7 @@ from lmprog.runtime.entrypoints.common import (
 from lmprog.runtime.entrypoints.errors import APIError, error_payload
 from lmprog.runtime.entrypoints.native_api import SeqResult
 from lmprog.runtime.entrypoints.openai_protocol import ChatCompletionRequest, CompletionRequest
-from lmprog.runtime.managers.io_struct import SeqOutput
+from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
 
 router = APIRouter(prefix="/v1")
 
@@ -91,106 +91,133 @@ def _completion_prompts(req: CompletionRequest, tokenizer: Any) -> list[tuple[li
     )
 
 
-def _completion_logprobs(seq: SeqResult, tokenizer: Any) -> dict:
-    tokens = [tokenizer.decode([t]) for t in seq.token_ids]
-    offsets, pos = [], 0
+def _completion_logprobs(
+    token_ids: list[int],
+    logprobs: list[tuple[float | None, dict[int, float]]],
+    tokenizer: Any,
+    offset: int = 0,
+) -> dict:
+    """The legacy completions logprobs object; `offset` is where the first token's text
+    starts in the choice's text (after what earlier chunks sent)."""
+    tokens = [tokenizer.decode([t]) for t in token_ids]
+    offsets, pos = [], offset
     for tok in tokens:
         offsets.append(pos)
         pos += len(tok)
     return {
         "tokens": tokens,
-        "token_logprobs": [lp for lp, _ in seq.logprobs],
+        "token_logprobs": [lp for lp, _ in logprobs],
         "top_logprobs": [
-            {tokenizer.decode([k]): v for k, v in top.items()} for _, top in seq.logprobs
+            None if lp is None else {tokenizer.decode([k]): v for k, v in top.items()}
+            for lp, top in logprobs
         ],
         "text_offset": offsets,
     }
+
+
+def _completion_requests(
+    req: CompletionRequest, tm: Any, rid: str
+) -> list[TokenizedGenerateReqInput]:
+    """One request per prompt. `max_tokens: 0` only computes (and caches) the prompt, which
+    with echo and logprobs scores it; echo with logprobs asks for prompt logprobs."""
+    values = req.sampling_values() | {"logprobs": req.logprobs}
+    prefill_only = req.max_tokens == 0
+    if prefill_only:
+        if req.n not in (None, 1):
+            raise APIError(
+                400, f"max_tokens 0 computes the prompt only; n must be 1, got {req.n}", "n"
+            )
+        values["max_tokens"] = 1
+    if req.echo and req.logprobs is not None:
+        values["prompt_logprobs"] = req.logprobs
+    params = make_sampling_params(values)
+    prompts = _completion_prompts(req, tm.tokenizer)
+    for i, (ids, _) in enumerate(prompts):
+        validate(tm, ids, params, f"prompt {i}: " if len(prompts) > 1 else "")
+    return [
+        TokenizedGenerateReqInput(f"{rid}-{k}", ids, params, text, prefill_only=prefill_only)
+        for k, (ids, text) in enumerate(prompts)
+    ]
+
+
+def _echoed(gen: TokenizedGenerateReqInput, seq: SeqResult) -> tuple[list[int], list]:
+    """Prompt then completion tokens, with their logprobs, for echo with logprobs."""
+    return gen.input_ids + seq.token_ids, seq.input_logprobs + seq.logprobs
 
 
 @router.post("/completions")
 async def completions(req: CompletionRequest, request: Request) -> Any:
     model = _check_model(request, req.model)
     tm = tm_of(request)
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported yet", "echo")
-    values = req.sampling_values() | {"logprobs": req.logprobs}
-    params = make_sampling_params(values)
-    prompts = _completion_prompts(req, tm.tokenizer)
-    for i, (ids, _) in enumerate(prompts):
-        validate(tm, ids, params, f"prompt {i}: " if len(prompts) > 1 else "")
-    admit(tm, len(prompts))
     rid = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    n = params.n
-    head = {"id": rid, "object": "text_completion", "created": created, "model": model}
-
-    def choice(i: int, j: int, seq: SeqResult, text: str) -> dict:
-        logprobs = _completion_logprobs(seq, tm.tokenizer) if req.logprobs is not None else None
-        return {
-            "index": i * n + j,
-            "text": text,
-            "logprobs": logprobs,
-            "finish_reason": _finish(seq.last),
-        }
-
+    gens = _completion_requests(req, tm, rid)
+    admit(tm, len(gens))
+    n = 1 if req.max_tokens == 0 else gens[0].sampling_params.n
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse_response(_stream_completion(tm, prompts, params, rid, head, req, include_usage))
+        return _sse_response(_stream_completion(tm, gens, n, head, req, include_usage))
 
-    async def run_one(k: int, ids: list[int], text: str) -> list[SeqResult]:
-        outs = await gather_outputs(tm.generate(ids, params, rid=f"{rid}-{k}", input_text=text))
+    async def run_one(gen: TokenizedGenerateReqInput) -> list[SeqResult]:
+        outs = await gather_outputs(tm.generate(gen))
         seqs = [SeqResult(j) for j in range(n)]
         for out in outs:
             seqs[out.index].add(out)
         return seqs
 
     async def run_all() -> list[list[SeqResult]]:
-        return await asyncio.gather(*(run_one(k, ids, t) for k, (ids, t) in enumerate(prompts)))
+        return await asyncio.gather(*(run_one(g) for g in gens))
 
     results = await until_disconnect(request, run_all())
     choices, prompt_tokens, cached = [], 0, 0
-    for i, ((ids, text), seqs) in enumerate(zip(prompts, results)):
-        prompt_tokens += len(ids)
+    for i, (gen, seqs) in enumerate(zip(gens, results)):
+        prompt_tokens += len(gen.input_ids)
         cached += seqs[0].last.cached_tokens if seqs[0].last else 0
         for j, seq in enumerate(seqs):
-            choices.append(choice(i, j, seq, (text if req.echo else "") + seq.text))
+            logprobs = None
+            if req.logprobs is not None:
+                ids, lps = _echoed(gen, seq) if req.echo else (seq.token_ids, seq.logprobs)
+                logprobs = _completion_logprobs(ids, lps, tm.tokenizer)
+            choices.append(
+                {
+                    "index": i * n + j,
+                    "text": (gen.input_text if req.echo else "") + seq.text,
+                    "logprobs": logprobs,
+                    "finish_reason": _finish(seq.last),
+                }
+            )
     all_seqs = [s for seqs in results for s in seqs]
     return head | {"choices": choices, "usage": _usage(all_seqs, prompt_tokens, cached)}
 
 
 async def _stream_completion(
     tm: Any,
-    prompts: list,
-    params: Any,
-    rid: str,
+    gens: list[TokenizedGenerateReqInput],
+    n: int,
     head: dict,
     req: CompletionRequest,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    n = params.n
     seqs: dict[int, SeqResult] = {}
+    sent: dict[int, int] = {}  # characters of text streamed per choice
     prompt_tokens, cached = 0, 0
-    jobs = [(ids, params, f"{rid}-{k}", text, False) for k, (ids, text) in enumerate(prompts)]
-    async for i, out in merge_streams(tm, jobs):
+    async for i, out in merge_streams(tm, gens):
         idx = i * n + out.index
         seq = seqs.setdefault(idx, SeqResult(idx))
-        if not seq.token_ids and req.echo:
-            out.text = prompts[i][1] + out.text
-        before = len(seq.logprobs)
+        first = not seq.last
         seq.add(out)
-        if out.finish_reason is not None:
-            prompt_tokens += out.prompt_tokens if out.index == 0 else 0
-            cached += out.cached_tokens if out.index == 0 else 0
+        text, ids, lps = out.text, out.token_ids, out.logprobs or []
+        if first and req.echo:
+            text = gens[i].input_text + text
+            ids, lps = gens[i].input_ids + ids, (out.input_logprobs or []) + lps
+        if out.finish_reason is not None and out.index == 0:
+            prompt_tokens += out.prompt_tokens
+            cached += out.cached_tokens
         logprobs = None
         if req.logprobs is not None:
-            part = SeqResult(idx, token_ids=out.token_ids, logprobs=seq.logprobs[before:])
-            logprobs = _completion_logprobs(part, tm.tokenizer)
-        chunk = {
-            "index": idx,
-            "text": out.text,
-            "logprobs": logprobs,
-            "finish_reason": _finish(out),
-        }
+            logprobs = _completion_logprobs(ids, lps, tm.tokenizer, sent.get(idx, 0))
+        sent[idx] = sent.get(idx, 0) + len(text)
+        chunk = {"index": idx, "text": text, "logprobs": logprobs, "finish_reason": _finish(out)}
         yield sse(head | {"choices": [chunk]})
     if include_usage:
         yield sse(
@@ -272,7 +299,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse_response(_stream_chat(tm, ids, params, rid, head, req, include_usage))
-    outs = await until_disconnect(request, gather_outputs(tm.generate(ids, params, rid=rid)))
+    gen = TokenizedGenerateReqInput(rid, ids, params)
+    outs = await until_disconnect(request, gather_outputs(tm.generate(gen)))
     seqs = [SeqResult(j) for j in range(params.n)]
     for out in outs:
         seqs[out.index].add(out)
@@ -311,7 +339,7 @@ async def _stream_chat(
             "finish_reason": None,
         }
         yield sse(head | {"choices": [role]})
-    async for _, out in merge_streams(tm, [(ids, params, rid, None, False)]):
+    async for _, out in merge_streams(tm, [TokenizedGenerateReqInput(rid, ids, params)]):
         seq = seqs.setdefault(out.index, SeqResult(out.index))
         before = len(seq.logprobs)
         seq.add(out)

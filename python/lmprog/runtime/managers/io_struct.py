@@ -25,6 +25,9 @@ class TokenizedGenerateReqInput:
     arrival_time: float = field(default_factory=time.time)
     stream: bool = False  # report every new token (else only the finished sequence)
     prefill_only: bool = False  # compute (and cache) the prompt, generate nothing
+    # With sampling_params.prompt_logprobs: the first prompt position whose logprob is
+    # returned (SGLang's logprob_start_len; clipped to the prompt length).
+    logprob_start_len: int = 0
 
 
 @dataclass
@@ -90,6 +93,9 @@ class SeqOutput:
     cached_tokens: int
     # When finished: seconds to the first token, mean seconds between tokens, end to end.
     latencies: tuple[float, float, float] | None = None
+    # Prompt-token logprobs from logprob_start_len on, in the sequence's first report:
+    # (logprob given the tokens before, or None at position 0; {token_id: logprob} top-k).
+    input_logprobs: list[tuple[float | None, dict[int, float]]] | None = None
 
 
 @dataclass

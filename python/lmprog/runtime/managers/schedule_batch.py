@@ -62,6 +62,10 @@ class Req:
     stream: bool = False  # the server reports each new token, not only the end
     prefill_only: bool = False  # finishes once its prompt is computed (max_new_tokens 0)
     reported_tokens: int = 0  # output tokens already reported to the API process
+    # Prompt-token logprobs (sampling_params.prompt_logprobs): entry j is token
+    # input_logprob_start + j's (None at position 0), filled as prefill computes them.
+    input_logprob_start: int | None = None
+    input_logprobs: list[tuple[float | None, dict[int, float]]] = field(default_factory=list)
 
     @property
     def fill_ids(self) -> list[int]:
@@ -74,6 +78,33 @@ class Req:
     @property
     def remaining_new_tokens(self) -> int:
         return self.max_new_tokens - len(self.output_ids)
+
+    @property
+    def input_logprobs_pending(self) -> bool:
+        start = self.input_logprob_start
+        return start is not None and start + len(self.input_logprobs) < len(self.origin_input_ids)
+
+    @property
+    def match_key(self) -> list[int]:
+        """The tokens to look up in the prefix cache: all but the last (whose logits sampling
+        needs), and none from which prompt logprobs are still to be computed (a cached token
+        has no logits)."""
+        limit = len(self.fill_ids) - 1
+        if self.input_logprobs_pending:
+            limit = min(limit, max(self.input_logprob_start + len(self.input_logprobs) - 1, 0))
+        return self.fill_ids[:limit]
+
+    def input_logprob_rows(self, end: int) -> tuple[int, int]:
+        """Positions [a, b) among those this extend computes (kv_len..end) whose logits give
+        pending prompt logprobs: position p's logits score prompt token p + 1."""
+        if not self.input_logprobs_pending:
+            return (self.kv_len, self.kv_len)
+        first = self.input_logprob_start + len(self.input_logprobs) - 1
+        a = max(self.kv_len, first)
+        return (a, max(a, min(end, len(self.origin_input_ids) - 1)))
+
+    def record_input_logprobs(self, entries: list[tuple[float, dict[int, float]]]) -> None:
+        self.input_logprobs.extend(entries)
 
     def append_token(self, token_id: int, context_len: int) -> None:
         """Records a sampled token and decides whether the sequence is finished."""
@@ -120,6 +151,8 @@ class Req:
             index=index,
             num_cached_tokens=self.num_cached_tokens,
             stream=self.stream,
+            input_logprob_start=self.input_logprob_start,
+            input_logprobs=self.input_logprobs,
             times=ReqTimes(self.times.arrival, self.times.first_scheduled),
         )
 

@@ -31,7 +31,7 @@ def prioritize(
     assert policy in POLICIES, policy
     if policy == "fcfs" or not cache.shares_prefixes or len(waiting) > CACHE_AWARE_MAX_WAITING:
         return waiting, {}
-    matches = {req: cache.match_prefix(req.fill_ids[:-1]) for req in waiting}
+    matches = {req: cache.match_prefix(req.match_key) for req in waiting}
     if policy == "lpm":
         # sorted() is stable: equal matches keep arrival order.
         return sorted(waiting, key=lambda r: -matches[r].kv_indices.numel()), matches

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmprog.runtime.layers.logprobs import token_logprobs
 from lmprog.runtime.layers.sampler import Sampler
 from lmprog.runtime.managers.detokenizer import OutputText
 from lmprog.runtime.managers.io_struct import FinishReason, TokenizedGenerateReqInput
@@ -67,6 +68,9 @@ class ScheduledBatch:
     mode: ForwardMode
     reqs: list[Req]
     forward_batch: ForwardBatch
+    # Extend only: per request, the positions [a, b) whose logits score prompt tokens (their
+    # logits rows come first, before the one sampling row per request).
+    prompt_rows: list[tuple[int, int]] | None = None
 
 
 class Scheduler:
@@ -135,6 +139,10 @@ class Scheduler:
             prefill_only=recv.prefill_only,
         )
         req.times.arrival = recv.arrival_time
+        if params.prompt_logprobs is not None:
+            req.input_logprob_start = min(max(recv.logprob_start_len, 0), len(req.fill_ids))
+            if req.input_logprob_start == 0:
+                req.record_input_logprobs([(None, {})])  # the first token has no context
         self.waiting.append(req)
 
     def _output_text(self, prompt_ids: list[int], params) -> OutputText:
@@ -213,7 +221,7 @@ class Scheduler:
         for req in ordered:
             if adder.full:
                 break
-            match = matches.get(req) or self.tree_cache.match_prefix(req.fill_ids[:-1])
+            match = matches.get(req) or self.tree_cache.match_prefix(req.match_key)
             lock_cost = self.tree_cache.lock_cost(match.last_node)
             result = adder.try_add(req, match.kv_indices.numel(), lock_cost)
             if result is AddResult.NO_ROOM:
@@ -268,10 +276,25 @@ class Scheduler:
         return batch
 
     def _build(self, mode: ForwardMode, reqs: list[Req], ends: list[int]) -> ScheduledBatch | None:
+        spans = [r.input_logprob_rows(e) for r, e in zip(reqs, ends)] if mode.is_extend else None
+        starts = [r.kv_len for r in reqs]
         fb = build_forward_batch(
             mode, reqs, ends, self.req_to_token_pool, self._alloc_extend, self.device
         )
-        return None if fb is None else ScheduledBatch(mode, list(reqs), fb)
+        if fb is None:
+            return None
+        if spans is not None and any(b > a for a, b in spans):
+            # Rows of the flattened new tokens: request i's start at offset_i (= the tokens of
+            # the requests before it), its position p at offset_i + p - start_i.
+            offsets = fb.last_token_indices() + 1 - fb.extend_seq_lens
+            rows = [
+                torch.arange(a, b, device=self.device) + (off - s)
+                for (a, b), off, s in zip(spans, offsets.tolist(), starts)
+            ]
+            fb.logits_indices = torch.cat([*rows, fb.last_token_indices()])
+        else:
+            spans = None
+        return ScheduledBatch(mode, list(reqs), fb, spans)
 
     def _alloc_extend(
         self, prefix_lens: list[int], seq_lens: list[int], last_locs: list[int]
@@ -338,6 +361,8 @@ class Scheduler:
 
     def process_batch_result(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[Req]:
         rows, done = batch.reqs, []
+        if batch.prompt_rows is not None:
+            logits = self._record_prompt_logprobs(batch, logits)
         if batch.mode.is_extend:
             rows, logits, done = self._after_prefill(batch.reqs, logits)
             if not rows:
@@ -366,6 +391,18 @@ class Scheduler:
         else:
             self.running = [r for r in self.running if not r.finished]
         return done + rows
+
+    def _record_prompt_logprobs(self, batch: ScheduledBatch, logits: torch.Tensor) -> torch.Tensor:
+        """Scores the prompt tokens whose rows this step computed; returns the sampling rows."""
+        lo = 0
+        for req, (a, b) in zip(batch.reqs, batch.prompt_rows):
+            if b == a:
+                continue
+            targets = torch.tensor(req.origin_input_ids[a + 1 : b + 1], device=logits.device)
+            top = req.sampling_params.prompt_logprobs
+            req.record_input_logprobs(token_logprobs(logits[lo : lo + b - a], targets, top))
+            lo += b - a
+        return logits[lo:]
 
     def _after_prefill(
         self, reqs: list[Req], logits: torch.Tensor

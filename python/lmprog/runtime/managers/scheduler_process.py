@@ -114,6 +114,9 @@ class SchedulerLoop:
 
     def _report(self, req: Req) -> SeqOutput:
         start, req.reported_tokens = req.reported_tokens, len(req.output_ids)
+        # Prompt logprobs go out once, in a sequence's first report (which has tokens or is
+        # its last).
+        scored = start == 0 and req.input_logprob_start is not None
         return SeqOutput(
             rid=req.rid,
             index=req.index,
@@ -125,6 +128,7 @@ class SchedulerLoop:
             completion_tokens=len(req.output_ids),
             cached_tokens=req.num_cached_tokens,
             latencies=_latencies(req) if req.finished else None,
+            input_logprobs=req.input_logprobs if scored else None,
         )
 
     def _server_info(self) -> ServerInfo:

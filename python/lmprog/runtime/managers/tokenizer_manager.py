@@ -115,26 +115,14 @@ class TokenizerManager:
                 f"{args.max_queued_requests})"
             )
 
-    async def generate(
-        self,
-        input_ids: list[int],
-        params: SamplingParams,
-        *,
-        rid: str | None = None,
-        input_text: str | None = None,
-        stream: bool = False,
-        prefill_only: bool = False,
-    ) -> AsyncIterator[SeqOutput]:
+    async def generate(self, req: TokenizedGenerateReqInput) -> AsyncIterator[SeqOutput]:
         """Runs one validated request; yields its sequences' reports until all `n` ended.
         Raises ValueError if the scheduler refuses it. Leaving early aborts the request."""
-        rid = rid or self.new_rid()
-        state = _ReqState(1 if prefill_only else params.n)
+        rid = req.rid
+        state = _ReqState(1 if req.prefill_only else req.sampling_params.n)
         self._states[rid] = state
         done = False
         try:
-            req = TokenizedGenerateReqInput(
-                rid, input_ids, params, input_text, stream=stream, prefill_only=prefill_only
-            )
             await self._send(req)
             while state.finished < state.n:
                 item = await state.queue.get()

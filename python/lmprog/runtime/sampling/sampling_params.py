@@ -61,6 +61,10 @@ class SamplingParams:
         min_tokens: EOS and stop_token_ids are forbidden until this many tokens exist.
         logprobs: also return this many top log-probabilities per generated token,
             besides the chosen token's own (0: only the chosen token's); None: none.
+        prompt_logprobs: return the log-probability of each prompt token given the ones
+            before it, plus this many top alternatives per position (0: only the prompt
+            token's own); None: none. Prompt tokens whose logprobs are asked for are
+            computed, not taken from the prefix cache.
         skip_special_tokens: leave special tokens out of the detokenized text.
         spaces_between_special_tokens: put spaces between special tokens when they are
             detokenized.
@@ -82,6 +86,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -121,11 +126,12 @@ class SamplingParams:
                     f"stop_token_ids contains {token_id}, outside the vocabulary "
                     f"(ids must be < {vocab_size})"
                 )
-        if self.logprobs is not None and self.logprobs > max_logprobs:
-            raise ValueError(
-                f"logprobs must be <= {max_logprobs} (the server's max_logprobs), "
-                f"got {self.logprobs}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > max_logprobs:
+                raise ValueError(
+                    f"{name} must be <= {max_logprobs} (the server's max_logprobs), got {value}"
+                )
 
     # -- copies ----------------------------------------------------------------------------------
 
@@ -180,8 +186,9 @@ class SamplingParams:
             _check_int("seed", self.seed)
         self._validate_stops()
         self._validate_lengths()
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, minimum=0)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=0)
         for name in (
             "ignore_eos",
             "skip_special_tokens",
