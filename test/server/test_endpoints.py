@@ -273,6 +273,10 @@ def test_metrics_count_requests_tokens_latencies_and_cache(server) -> None:
     assert grew(f"lmprog_prompt_tokens_total{label}") == 10
     assert grew(f"lmprog_time_to_first_token_seconds_count{label}") == 2
     assert grew(f"lmprog_e2e_request_latency_seconds_count{label}") == 2
+    # every gap between two tokens is one observation: 4 per 5-token answer
+    assert grew(f"lmprog_inter_token_latency_seconds_count{label}") == 8
+    itl = grew(f"lmprog_inter_token_latency_seconds_sum{label}")
+    assert 0 < itl < grew(f"lmprog_e2e_request_latency_seconds_sum{label}")
     assert grew(f"lmprog_prefix_cache_hit_tokens{label}") >= 4  # the second run hit the first
     assert after[f"lmprog_num_requests_running{label}"] == 0
     assert 0 <= after[f"lmprog_kv_cache_usage_ratio{label}"] <= 1

@@ -45,7 +45,7 @@ class Metrics:
         )
         self.itl = Histogram(
             "lmprog_inter_token_latency_seconds",
-            "Mean time between tokens, per request.",
+            "Time between consecutive tokens of a sequence.",
             buckets=LATENCY_BUCKETS,
             **label,
         )
@@ -77,11 +77,12 @@ class Metrics:
         if out.index == 0:
             self.prompt_tokens.labels(m).inc(out.prompt_tokens)
         if out.latencies is not None:
-            ttft, itl, e2e = out.latencies
-            self.ttft.labels(m).observe(ttft)
-            if out.completion_tokens > 1:
-                self.itl.labels(m).observe(itl)
-            self.e2e.labels(m).observe(e2e)
+            t = out.latencies
+            self.ttft.labels(m).observe(t.ttft)
+            itl = self.itl.labels(m)
+            for gap in t.gaps:
+                itl.observe(gap)
+            self.e2e.labels(m).observe(t.e2e)
 
     def scheduler(self, info: ServerInfo) -> None:
         m, kv, stats = self.model_name, info.kv, info.stats

@@ -78,6 +78,15 @@ class RequestError:
 
 
 @dataclass
+class Latencies:
+    """A finished sequence's timings, in seconds."""
+
+    ttft: float  # arrival to the first token
+    e2e: float  # arrival to the end
+    gaps: list[float]  # between consecutive tokens (one fewer than the tokens)
+
+
+@dataclass
 class SeqOutput:
     """What one sequence gained since its last report (only text that is safe to stream)."""
 
@@ -91,8 +100,8 @@ class SeqOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    # When finished: seconds to the first token, mean seconds between tokens, end to end.
-    latencies: tuple[float, float, float] | None = None
+    # When finished (and it produced a token): how long it took.
+    latencies: Latencies | None = None
     # Prompt-token logprobs from logprob_start_len on, in the sequence's first report:
     # (logprob given the tokens before, or None at position 0; {token_id: logprob} top-k).
     input_logprobs: list[tuple[float | None, dict[int, float]]] | None = None

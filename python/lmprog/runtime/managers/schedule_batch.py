@@ -33,6 +33,7 @@ class ReqTimes:
     first_token: float | None = None
     last_token: float | None = None
     finished: float | None = None
+    token_gaps: list[float] = field(default_factory=list)  # seconds between its tokens
 
 
 @dataclass(eq=False)
@@ -111,6 +112,8 @@ class Req:
         now = time.time()
         if self.times.first_token is None:
             self.times.first_token = now
+        else:
+            self.times.token_gaps.append(now - self.times.last_token)
         self.times.last_token = now
         self.output_ids.append(token_id)
         params = self.sampling_params

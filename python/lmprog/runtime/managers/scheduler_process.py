@@ -25,6 +25,7 @@ from lmprog.runtime.managers.io_struct import (
     FlushCacheReq,
     FlushCacheResult,
     GetServerInfoReq,
+    Latencies,
     RequestError,
     SchedulerReady,
     SeqOutput,
@@ -140,10 +141,8 @@ class SchedulerLoop:
         self.outbox.send(codec.encode(message))
 
 
-def _latencies(req: Req) -> tuple[float, float, float] | None:
+def _latencies(req: Req) -> Latencies | None:
     t = req.times
     if t.first_token is None or t.finished is None:
         return None
-    n = len(req.output_ids)
-    itl = (t.last_token - t.first_token) / (n - 1) if n > 1 else 0.0
-    return (t.first_token - t.arrival, itl, t.finished - t.arrival)
+    return Latencies(t.first_token - t.arrival, t.finished - t.arrival, t.token_gaps)
