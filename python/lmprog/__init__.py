@@ -16,15 +16,19 @@ _LAZY = {
     "RequestOutput": "lmprog.runtime.engine.outputs",
     "CompletionOutput": "lmprog.runtime.engine.outputs",
     "RequestMetrics": "lmprog.runtime.engine.outputs",
+    "EmbeddingRequestOutput": "lmprog.runtime.engine.outputs",
+    "ScoringRequestOutput": "lmprog.runtime.engine.outputs",
     "ServerArgs": "lmprog.runtime.server_args",
 }
 
 __all__ = [
     "LLM",
     "CompletionOutput",
+    "EmbeddingRequestOutput",
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
+    "ScoringRequestOutput",
     "ServerArgs",
 ]
 

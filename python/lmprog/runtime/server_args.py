@@ -65,6 +65,13 @@ class ServerArgs:
     disable_radix_cache: bool = field(
         default=False, metadata={"help": "Reuse no KV across requests (no prefix cache)."}
     )
+    is_embedding: bool = field(
+        default=False,
+        metadata={
+            "help": "Serve the model as an embedder (/v1/embeddings, /encode): a decoder pools "
+            "its last token; encoder models (BERT) are embedders without this flag."
+        },
+    )
     attention_backend: str = field(
         default="torch_native", metadata={"help": "Attention implementation: torch_native."}
     )

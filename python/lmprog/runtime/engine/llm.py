@@ -7,15 +7,20 @@ has finished.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from lmprog.runtime.engine.outputs import (
     CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
     Logprob,
     RequestMetrics,
     RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
 )
 from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
 from lmprog.runtime.managers.schedule_batch import Req
@@ -37,12 +42,18 @@ class LLM:
         *,
         tokenizer: str | None = None,
         tensor_parallel_size: int = 1,
+        runner: str | None = None,
+        task: str | None = None,
         **engine_args: Any,
     ) -> None:
+        """`runner="pooling"` (vLLM) or `task="embed"` (older vLLM) serve the model as an
+        embedder, like `is_embedding=True`; encoder models (BERT) are embedders anyway."""
         if tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size must be 1 (one device), got {tensor_parallel_size}"
             )
+        if _wants_embedding(runner, task):
+            engine_args["is_embedding"] = True
         self.server_args = ServerArgs.from_kwargs(
             model_path=model, tokenizer_path=tokenizer, **engine_args
         )
@@ -61,8 +72,58 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generates for every prompt; results come back in input order."""
+        self._require_generation("generate")
         inputs = [self._tokenize(p) for p in _as_prompt_list(prompts)]
         return self._run(inputs, sampling_params, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt, in input order. `truncate_prompt_tokens` keeps only the
+        last N tokens of longer prompts (else they are refused past the model's limit)."""
+        self._require_embedding("embed")
+        inputs = [self._tokenize(p) for p in _as_prompt_list(prompts)]
+        if truncate_prompt_tokens is not None:
+            inputs = [(t, _truncate(ids, truncate_prompt_tokens)) for t, ids in inputs]
+        outs = self._run(inputs, None, use_tqdm, finished_only=True)
+        return [
+            EmbeddingRequestOutput(
+                rid, EmbeddingOutput(seqs[0].embedding), seqs[0].origin_input_ids
+            )
+            for rid, seqs in outs
+        ]
+
+    def score(
+        self,
+        data_1: PromptType | Sequence[PromptType],
+        data_2: PromptType | Sequence[PromptType],
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """Cosine similarity of each pair's embeddings: one text against many (`data_1` a
+        single prompt), or pairwise (two lists of the same length)."""
+        self._require_embedding("score")
+        first, second = _as_prompt_list(data_1), _as_prompt_list(data_2)
+        if len(first) == 1:
+            first = first * len(second)
+        if len(first) != len(second) or not second:
+            raise ValueError(
+                f"score pairs texts: data_1 has {len(first)} and data_2 {len(second)}; give one "
+                "text and a list, or two lists of the same non-zero length"
+            )
+        vectors = self.embed(first + second, truncate_prompt_tokens, use_tqdm)
+        a, b = vectors[: len(first)], vectors[len(first) :]
+        return [
+            ScoringRequestOutput(
+                y.request_id,
+                ScoringOutput(_cosine(x.outputs.embedding, y.outputs.embedding)),
+                y.prompt_token_ids,
+            )
+            for x, y in zip(a, b)
+        ]
 
     def chat(
         self,
@@ -74,6 +135,7 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Generates replies to one conversation or a list of them through the chat template."""
+        self._require_generation("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         inputs = []
         for conv in conversations:
@@ -109,6 +171,25 @@ class LLM:
         self.scheduler.check_integrity()
 
     # ---- internals ------------------------------------------------------------------------
+    @property
+    def is_embedding(self) -> bool:
+        return self.scheduler.is_embedding
+
+    def _require_generation(self, method: str) -> None:
+        if self.is_embedding:
+            raise ValueError(
+                f"{self.server_args.model_path} is loaded as an embedding model: {method}() "
+                "needs a generation model; use embed() or score()"
+            )
+
+    def _require_embedding(self, method: str) -> None:
+        if not self.is_embedding:
+            raise ValueError(
+                f"{self.server_args.model_path} is loaded as a generation model: {method}() "
+                "needs an embedding model (an encoder such as all-minilm-l6-v2, or "
+                "LLM(..., runner='pooling'))"
+            )
+
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
@@ -127,7 +208,10 @@ class LLM:
         inputs: list[tuple[str | None, list[int]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool,
-    ) -> list[RequestOutput]:
+        finished_only: bool = False,
+    ) -> Any:
+        """Runs every input to the end: RequestOutputs in input order, or with
+        `finished_only` the raw (rid, sequences) pairs."""
         params = _per_prompt_params(sampling_params, len(inputs))
         # Validate everything before enqueueing anything: a bad prompt leaves the engine idle.
         for i, ((_, ids), p) in enumerate(zip(inputs, params)):
@@ -147,6 +231,8 @@ class LLM:
             while self.scheduler.has_work():
                 self.scheduler.step()
             raise
+        if finished_only:
+            return [(rid, finished[rid]) for rid in rids]
         return [_request_output(rid, finished[rid], self.tokenizer) for rid in rids]
 
     def _drive(self, rids: set[str], use_tqdm: bool) -> dict[str, list[Req]]:
@@ -176,6 +262,26 @@ class LLM:
         if bar is not None:
             bar.close()
         return finished
+
+
+def _wants_embedding(runner: str | None, task: str | None) -> bool:
+    if runner not in (None, "auto", "generate", "pooling"):
+        raise ValueError(f"runner must be 'generate' or 'pooling', got {runner!r}")
+    if task not in (None, "auto", "generate", "embed", "embedding"):
+        raise ValueError(f"task must be 'generate' or 'embed', got {task!r}")
+    return runner == "pooling" or task in ("embed", "embedding")
+
+
+def _truncate(ids: list[int], keep: int) -> list[int]:
+    if type(keep) is not int or keep < 1:
+        raise ValueError(f"truncate_prompt_tokens must be an integer >= 1, got {keep!r}")
+    return ids[-keep:]
+
+
+def _cosine(x: list[float], y: list[float]) -> float:
+    dot = sum(a * b for a, b in zip(x, y))
+    norm = math.sqrt(sum(a * a for a in x)) * math.sqrt(sum(b * b for b in y))
+    return dot / norm if norm else 0.0
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

@@ -57,3 +57,33 @@ class RequestOutput:
     # {token id: Logprob} of the prompt token and the top-k.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     error: str | None = field(default=None)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]  # normalized when the model's pooling says so
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass
+class ScoringOutput:
+    score: float  # cosine similarity of the two texts' embeddings
+
+
+@dataclass
+class ScoringRequestOutput:
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]  # the second text's tokens
+    finished: bool = True

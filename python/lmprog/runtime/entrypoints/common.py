@@ -43,6 +43,35 @@ def tm_of(request: Request) -> TokenizerManager:
     return request.app.state.tm
 
 
+def check_model(request: Request, model: str | None) -> str:
+    """The served model's name; 404 when a request names another."""
+    served = request.app.state.args.model_name
+    if model is not None and model != served:
+        raise APIError(
+            404, f"model '{model}' is not served here; this server serves '{served}'", "model"
+        )
+    return served
+
+
+def require_kind(request: Request, embedding: bool) -> None:
+    """400 when a route is for the other kind of server (generation vs embeddings)."""
+    info = request.app.state.model_info
+    if info.is_embedding == embedding:
+        return
+    name = request.app.state.args.model_name
+    if info.is_embedding:
+        message = (
+            f"this server serves the embedding model '{name}': use /v1/embeddings or /encode "
+            "(generation routes are not available)"
+        )
+    else:
+        message = (
+            f"this server serves the generation model '{name}': embeddings need an embedding "
+            "server (an encoder model, or a decoder started with --is-embedding)"
+        )
+    raise APIError(400, message)
+
+
 def admit(tm: TokenizerManager, requests: int) -> None:
     """Refuses new work when the queue is full or the scheduler is gone (503 + Retry-After)."""
     try:

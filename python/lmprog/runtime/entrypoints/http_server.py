@@ -26,6 +26,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from lmprog.runtime.entrypoints.embeddings_api import router as embeddings_router
 from lmprog.runtime.entrypoints.errors import error_response, install_error_handlers
 from lmprog.runtime.entrypoints.metrics import Metrics
 from lmprog.runtime.entrypoints.metrics import router as metrics_router
@@ -76,6 +77,7 @@ def build_app(
     app.add_middleware(_Guard, args=args)
     app.include_router(native_router)
     app.include_router(openai_router)
+    app.include_router(embeddings_router)
     app.include_router(metrics_router)
     return app
 

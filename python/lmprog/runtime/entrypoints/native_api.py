@@ -20,6 +20,7 @@ from lmprog.runtime.entrypoints.common import (
     gather_outputs,
     make_sampling_params,
     merge_streams,
+    require_kind,
     sse,
     tm_of,
     until_disconnect,
@@ -78,7 +79,10 @@ async def health_generate(request: Request) -> JSONResponse:
     """Really generates one token (through the whole path), within a timeout."""
     tm = tm_of(request)
     params = SamplingParams(max_tokens=1, temperature=0)
-    probe = TokenizedGenerateReqInput(tm.new_rid(), [tm.tokenizer.bos_token_id or 0], params)
+    token = tm.tokenizer.bos_token_id or tm.tokenizer.cls_token_id or 0
+    # On an embedding server the same call embeds one token.
+    embedding = request.app.state.model_info.is_embedding
+    probe = TokenizedGenerateReqInput(tm.new_rid(), [token], params, prefill_only=embedding)
 
     async def one() -> list:
         return await gather_outputs(tm.generate(probe))
@@ -97,7 +101,9 @@ async def get_model_info(request: Request) -> dict:
         "model_path": args.model_path,
         "served_model_name": args.model_name,
         "tokenizer_path": args.tokenizer_path or args.model_path,
-        "is_generation": True,
+        "is_generation": not info.is_embedding,
+        "is_embedding": info.is_embedding,
+        "embedding_dim": info.embedding_dim,
         "context_length": info.context_len,
         "vocab_size": info.vocab_size,
         "device": info.device,
@@ -305,6 +311,7 @@ def _item(
 
 @router.post("/generate")
 async def generate(request: Request) -> Any:
+    require_kind(request, embedding=False)
     tm = tm_of(request)
     body = await request.json()
     reqs, batch = _parse_generate(body, tm.tokenizer, tm.new_rid)

@@ -15,9 +15,11 @@ from lmprog.runtime.entrypoints.common import (
     SSE_DONE,
     SSE_HEADERS,
     admit,
+    check_model,
     gather_outputs,
     make_sampling_params,
     merge_streams,
+    require_kind,
     sse,
     tm_of,
     until_disconnect,
@@ -29,15 +31,6 @@ from lmprog.runtime.entrypoints.openai_protocol import ChatCompletionRequest, Co
 from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
 
 router = APIRouter(prefix="/v1")
-
-
-def _check_model(request: Request, model: str | None) -> str:
-    served = request.app.state.args.model_name
-    if model is not None and model != served:
-        raise APIError(
-            404, f"model '{model}' is not served here; this server serves '{served}'", "model"
-        )
-    return served
 
 
 def _finish(out: SeqOutput | None) -> str | None:
@@ -68,6 +61,7 @@ async def models(request: Request) -> dict:
                 "owned_by": "lmprog",
                 "root": args.model_path,
                 "max_model_len": request.app.state.model_info.context_len,
+                "task": "embed" if request.app.state.model_info.is_embedding else "generate",
             }
         ],
     }
@@ -147,7 +141,8 @@ def _echoed(gen: TokenizedGenerateReqInput, seq: SeqResult) -> tuple[list[int], 
 
 @router.post("/completions")
 async def completions(req: CompletionRequest, request: Request) -> Any:
-    model = _check_model(request, req.model)
+    model = check_model(request, req.model)
+    require_kind(request, embedding=False)
     tm = tm_of(request)
     rid = f"cmpl-{uuid.uuid4().hex}"
     gens = _completion_requests(req, tm, rid)
@@ -281,7 +276,8 @@ def _chat_logprobs(seq_ids: list[int], logprobs: list, tokenizer: Any) -> dict:
 
 @router.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
-    model = _check_model(request, req.model)
+    model = check_model(request, req.model)
+    require_kind(request, embedding=False)
     tm = tm_of(request)
     values = req.sampling_values()
     if req.max_completion_tokens is not None:

@@ -105,6 +105,7 @@ class SeqOutput:
     # Prompt-token logprobs from logprob_start_len on, in the sequence's first report:
     # (logprob given the tokens before, or None at position 0; {token_id: logprob} top-k).
     input_logprobs: list[tuple[float | None, dict[int, float]]] | None = None
+    embedding: list[float] | None = None  # an embedding model's vector
 
 
 @dataclass
@@ -122,3 +123,5 @@ class SchedulerReady:
     max_total_tokens: int
     device: str
     dtype: str
+    is_embedding: bool = False  # serves /v1/embeddings, not generation
+    embedding_dim: int | None = None

@@ -67,6 +67,7 @@ class Req:
     # input_logprob_start + j's (None at position 0), filled as prefill computes them.
     input_logprob_start: int | None = None
     input_logprobs: list[tuple[float | None, dict[int, float]]] = field(default_factory=list)
+    embedding: list[float] | None = None  # an embedding model's pooled vector, when finished
 
     @property
     def fill_ids(self) -> list[int]:

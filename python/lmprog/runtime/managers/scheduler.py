@@ -32,7 +32,7 @@ from lmprog.runtime.managers.prefill_adder import (
 )
 from lmprog.runtime.managers.schedule_batch import Req, build_forward_batch
 from lmprog.runtime.managers.schedule_policy import prioritize, retraction_order
-from lmprog.runtime.managers.validation import validate_request
+from lmprog.runtime.managers.validation import validate_embedding_request, validate_request
 from lmprog.runtime.mem_cache.base import BasePrefixCache
 from lmprog.runtime.mem_cache.chunk_cache import ChunkCache
 from lmprog.runtime.mem_cache.radix_cache import RadixCache
@@ -82,6 +82,7 @@ class Scheduler:
         self.device = mr.device
         self.context_len = mr.context_len
         self.vocab_size = mr.vocab_size
+        self.is_embedding = mr.is_embedding
         self.req_to_token_pool = mr.req_to_token_pool
         self.allocator = mr.allocator
         cache_class = ChunkCache if server_args.disable_radix_cache else RadixCache
@@ -112,6 +113,11 @@ class Scheduler:
     # ---- requests in ----------------------------------------------------------------------
     def validate(self, input_ids: list[int], params) -> int:
         args = self.server_args
+        if self.is_embedding:
+            mr = self.model_runner
+            kv_limit = None if mr.is_encoder else mr.max_total_tokens
+            validate_embedding_request(input_ids, self.vocab_size, self.context_len, kv_limit)
+            return 1
         return validate_request(
             input_ids,
             params,
@@ -136,7 +142,7 @@ class Scheduler:
             eos_token_ids=self.eos_token_ids,
             input_text=recv.input_text,
             stream=recv.stream,
-            prefill_only=recv.prefill_only,
+            prefill_only=recv.prefill_only or self.is_embedding,
         )
         req.times.arrival = recv.arrival_time
         if params.prompt_logprobs is not None:
@@ -182,6 +188,8 @@ class Scheduler:
         """The next batch: a prefill of admitted requests if any, else a decode step of every
         running request. While a long prompt is prefilled in chunks, prefill and decode steps
         alternate, so running requests keep streaming."""
+        if self.model_runner.is_encoder:
+            return self._schedule_encode()
         interleave = self.chunked_req is not None and self.running and self._last_was_prefill
         makers = (self._schedule_decode, self._schedule_prefill)
         for make in makers if interleave else reversed(makers):
@@ -245,6 +253,34 @@ class Scheduler:
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += batch.forward_batch.num_tokens
         return batch
+
+    def _schedule_encode(self) -> ScheduledBatch | None:
+        """An encoder's step: waiting requests in arrival order, whole (no KV, no chunks),
+        within the prefill token budget and the running-request limit."""
+        if not self.waiting:
+            return None
+        args = self.server_args
+        reqs, tokens = [], 0
+        while self.waiting and len(reqs) < args.max_running_requests:
+            n = len(self.waiting[0].origin_input_ids)
+            if reqs and tokens + n > args.max_prefill_tokens:
+                break
+            req = self.waiting.popleft()
+            req.times.first_scheduled = time.time()
+            reqs.append(req)
+            tokens += n
+        fb = ForwardBatch.build(
+            ForwardMode.ENCODE,
+            [t for r in reqs for t in r.origin_input_ids],
+            [0] * len(reqs),
+            [0] * len(reqs),
+            [len(r.origin_input_ids) for r in reqs],
+            _EMPTY,
+            self.device,
+        )
+        self.stats.prefill_steps += 1
+        self.stats.prefill_tokens += tokens
+        return ScheduledBatch(ForwardMode.ENCODE, reqs, fb)
 
     def _admit(self, req: Req, match) -> None:
         req.req_pool_idx = self.req_to_token_pool.alloc()
@@ -360,6 +396,8 @@ class Scheduler:
         self._failed.append(req)
 
     def process_batch_result(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[Req]:
+        if self.is_embedding:
+            return self._finish_embeddings(batch, logits)
         rows, done = batch.reqs, []
         if batch.prompt_rows is not None:
             logits = self._record_prompt_logprobs(batch, logits)
@@ -391,6 +429,21 @@ class Scheduler:
         else:
             self.running = [r for r in self.running if not r.finished]
         return done + rows
+
+    def _finish_embeddings(self, batch: ScheduledBatch, pooled: torch.Tensor) -> list[Req]:
+        """An embedding step's [B, hidden] rows: each request whose prompt is complete gets
+        its vector and finishes (a chunk's row is not an embedding yet)."""
+        done = []
+        for req, row in zip(batch.reqs, pooled):
+            if batch.mode.is_extend:
+                self.tree_cache.cache_unfinished_req(req)
+                if req.kv_len < len(req.fill_ids):
+                    continue
+            req.embedding = row.tolist()
+            req.finish(FinishReason("length"))
+            self._release(req)
+            done.append(req)
+        return done
 
     def _record_prompt_logprobs(self, batch: ScheduledBatch, logits: torch.Tensor) -> torch.Tensor:
         """Scores the prompt tokens whose rows this step computed; returns the sampling rows."""

@@ -63,6 +63,8 @@ def run_scheduler_process(
             max_total_tokens=mr.max_total_tokens,
             device=str(mr.device),
             dtype=str(mr.dtype).removeprefix("torch."),
+            is_embedding=mr.is_embedding,
+            embedding_dim=int(mr.config.hidden_size) if mr.is_embedding else None,
         )
     )
     SchedulerLoop(scheduler, inbox, outbox).run()
@@ -130,6 +132,7 @@ class SchedulerLoop:
             cached_tokens=req.num_cached_tokens,
             latencies=_latencies(req) if req.finished else None,
             input_logprobs=req.input_logprobs if scored else None,
+            embedding=req.embedding,
         )
 
     def _server_info(self) -> ServerInfo:

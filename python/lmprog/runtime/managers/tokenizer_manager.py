@@ -33,7 +33,7 @@ from lmprog.runtime.managers.io_struct import (
     ServerInfo,
     TokenizedGenerateReqInput,
 )
-from lmprog.runtime.managers.validation import validate_request
+from lmprog.runtime.managers.validation import validate_embedding_request, validate_request
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 from lmprog.runtime.server_args import ServerArgs
 
@@ -91,6 +91,10 @@ class TokenizerManager:
     def validate(self, input_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError naming the field, value and limit (nothing is sent)."""
         info = self.model_info
+        if info.is_embedding:
+            # The scheduler also checks a decoder embedder's KV pool.
+            validate_embedding_request(input_ids, info.vocab_size, info.context_len, None)
+            return
         validate_request(
             input_ids,
             params,

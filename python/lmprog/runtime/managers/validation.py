@@ -9,6 +9,17 @@ from lmprog.runtime.managers.prefill_adder import kv_need
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 
+def _check_prompt_ids(input_ids: list[int], vocab_size: int) -> None:
+    if not input_ids:
+        raise ValueError("prompt is empty: it must have at least 1 token")
+    bad = next(((i, t) for i, t in enumerate(input_ids) if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(
+            f"prompt token id {bad[1]} at position {bad[0]} is outside the vocabulary "
+            f"[0, {vocab_size})"
+        )
+
+
 def validate_request(
     input_ids: list[int],
     params: SamplingParams,
@@ -20,14 +31,7 @@ def validate_request(
 ) -> int:
     """Validates a tokenized request; returns its max new tokens (max_tokens clipped to the
     context)."""
-    if not input_ids:
-        raise ValueError("prompt is empty: it must have at least 1 token")
-    bad = next(((i, t) for i, t in enumerate(input_ids) if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(
-            f"prompt token id {bad[1]} at position {bad[0]} is outside the vocabulary "
-            f"[0, {vocab_size})"
-        )
+    _check_prompt_ids(input_ids, vocab_size)
     n_prompt = len(input_ids)
     if n_prompt >= context_len:
         raise ValueError(
@@ -44,3 +48,21 @@ def validate_request(
             f"{max_new} new tokens); the KV pool holds {max_total_tokens} (max_total_tokens)"
         )
     return max_new
+
+
+def validate_embedding_request(
+    input_ids: list[int], vocab_size: int, max_length: int, max_total_tokens: int | None
+) -> None:
+    """Validates a tokenized embedding request: non-empty, in the vocabulary, within the
+    model's input limit (and, for a decoder embedder, the KV pool)."""
+    _check_prompt_ids(input_ids, vocab_size)
+    if len(input_ids) > max_length:
+        raise ValueError(
+            f"input has {len(input_ids)} tokens; this embedding model takes at most "
+            f"{max_length} (set truncate_prompt_tokens to keep only the last tokens)"
+        )
+    if max_total_tokens is not None and len(input_ids) > max_total_tokens:
+        raise ValueError(
+            f"input has {len(input_ids)} tokens; the KV pool holds {max_total_tokens} "
+            "(max_total_tokens)"
+        )

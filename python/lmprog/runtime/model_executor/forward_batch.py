@@ -90,7 +90,8 @@ class ForwardBatch:
     ) -> ForwardBatch:
         """Builds the tensors from host lists (the usual path from the scheduler and tests)."""
         assert len(req_pool_indices) == len(prefix_lens) == len(extend_lens), "ragged batch"
-        assert sum(extend_lens) == len(input_ids) == out_cache_loc.numel(), (
+        slots = len(input_ids) if mode is not ForwardMode.ENCODE else 0  # encode keeps no KV
+        assert sum(extend_lens) == len(input_ids) and out_cache_loc.numel() == slots, (
             f"{sum(extend_lens)} extend tokens, {len(input_ids)} ids, "
             f"{out_cache_loc.numel()} cache slots"
         )

@@ -12,6 +12,8 @@ from lmprog.runtime.mem_cache.allocator import TokenToKVPoolAllocator
 from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPool
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch
 from lmprog.runtime.model_loader import LoadedModel, load_model
+from lmprog.runtime.model_loader.pooling_config import PoolingConfig, read_pooling_config
+from lmprog.runtime.models.embedding import EmbeddingModel
 from lmprog.runtime.models.registry import get_model_class
 from lmprog.runtime.server_args import ServerArgs
 
@@ -39,6 +41,10 @@ class ModelRunner:
         self.tokenizer = self.loaded.tokenizer
         self.model = self._build_model()
         self.load_seconds = time.perf_counter() - t0
+        self.pooling: PoolingConfig | None = None
+        if server_args.is_embedding or getattr(self.model, "is_encoder", False):
+            self.pooling = read_pooling_config(self.loaded.source.path)
+            self.model = EmbeddingModel(self.model, self.pooling)
         self.context_len = self._context_len()
         self.vocab_size = int(self.config.vocab_size)
         self._init_pools()
@@ -59,8 +65,20 @@ class ModelRunner:
         model.load_weights(self.loaded.weights())
         return model.eval()
 
+    @property
+    def is_embedding(self) -> bool:
+        """Serves embeddings (pooled hidden states), not generation."""
+        return self.pooling is not None
+
+    @property
+    def is_encoder(self) -> bool:
+        """Non-causal (BERT): runs in encode mode and keeps no KV."""
+        return bool(getattr(self.model, "is_encoder", False))
+
     def _context_len(self) -> int:
         native = int(getattr(self.config, "max_position_embeddings", 0) or 0)
+        if self.pooling is not None and self.pooling.max_length:
+            native = min(native or self.pooling.max_length, self.pooling.max_length)
         wanted = self.server_args.max_model_len
         if wanted is None:
             if not native:
@@ -72,6 +90,8 @@ class ModelRunner:
 
     def _pool_tokens(self, bytes_per_token: int) -> int:
         args = self.server_args
+        if self.is_encoder:
+            return 2 * args.page_size  # an encoder keeps no KV; the pool only exists for form
         if args.max_total_tokens is not None:
             return args.max_total_tokens
         if self.device.type == "cuda":
@@ -108,7 +128,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
-        """Runs the model on one step; returns float32 logits of the requested rows."""
+        """Runs the model on one step: float32 logits of the requested rows, or for an
+        embedding model [B, hidden] pooled embeddings."""
         forward_batch.req_to_token_pool = self.req_to_token_pool
         forward_batch.token_to_kv_pool = self.token_to_kv_pool
         forward_batch.attn_backend = self.attn_backend

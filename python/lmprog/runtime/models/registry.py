@@ -17,6 +17,7 @@ _MODELS: dict[str, str] = {
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
     "Qwen3ForCausalLM": _LLAMA,
+    "BertModel": "lmprog.runtime.models.bert:BertModel",
 }
 
 
