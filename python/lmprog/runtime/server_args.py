@@ -72,6 +72,10 @@ class ServerArgs:
             "its last token; encoder models (BERT) are embedders without this flag."
         },
     )
+    disable_jump_forward: bool = field(
+        default=False,
+        metadata={"help": "Sample every token of constrained outputs, even forced ones."},
+    )
     attention_backend: str = field(
         default="torch_native", metadata={"help": "Attention implementation: torch_native."}
     )

@@ -217,6 +217,7 @@ class LLM:
         for i, ((_, ids), p) in enumerate(zip(inputs, params)):
             try:
                 self.scheduler.validate(ids, p)
+                self.scheduler.check_grammar(p)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}" if len(inputs) > 1 else str(e)) from None
         rids = [f"offline-{next(self._ids)}" for _ in inputs]

@@ -5,11 +5,24 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Sampling(BaseModel):
@@ -35,6 +48,38 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # Output constraints: OpenAI's response_format, and the extras of SGLang / vLLM.
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraint_values(self) -> dict[str, Any]:
+        """The output constraint as SamplingParams fields (several given: SamplingParams
+        refuses them, naming each)."""
+        values: dict[str, Any] = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            values["json_object"] = True
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ValueError("response_format json_schema needs json_schema.schema")
+            values["json_schema"] = fmt.json_schema.schema_
+        pairs = (
+            ("regex", self.regex or self.guided_regex),
+            ("ebnf", self.ebnf or self.guided_grammar),
+            ("json_schema", self.guided_json),
+            ("choice", self.guided_choice),
+        )
+        for name, value in pairs:
+            if value is not None:
+                if name in values:
+                    raise ValueError(f"{name} is given twice (response_format and guided_*)")
+                values[name] = value
+        return values
 
     def sampling_values(self) -> dict[str, Any]:
         keys = [
@@ -55,7 +100,7 @@ class _Sampling(BaseModel):
             "skip_special_tokens",
             "include_stop_str_in_output",
         ]
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in keys} | self.constraint_values()
 
 
 class CompletionRequest(_Sampling):

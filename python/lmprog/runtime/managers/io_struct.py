@@ -32,15 +32,16 @@ class TokenizedGenerateReqInput:
 
 @dataclass
 class FinishReason:
-    """Why a sequence ended: 'stop' (EOS, a stop token or a stop string: `matched`), 'length'
-    (max_tokens or the context), or 'abort' (with `message`)."""
+    """Why a sequence ended: 'stop' (EOS, a stop token or a stop string: `matched`; or its
+    grammar completed), 'length' (max_tokens or the context), 'abort' (with `message`), or
+    'error': refused after it was queued (its grammar does not compile; with `message`)."""
 
     kind: str
     matched: int | str | None = None
     message: str | None = None
 
     def __post_init__(self) -> None:
-        assert self.kind in ("stop", "length", "abort"), self.kind
+        assert self.kind in ("stop", "length", "abort", "error"), self.kind
 
 
 @dataclass

@@ -24,6 +24,7 @@ from lmprog.runtime.sampling.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from lmprog.runtime.managers.detokenizer import OutputText
     from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool
+    from lmprog.runtime.sampling.constrained.matcher import Matcher
 
 
 @dataclass
@@ -68,6 +69,10 @@ class Req:
     input_logprob_start: int | None = None
     input_logprobs: list[tuple[float | None, dict[int, float]]] = field(default_factory=list)
     embedding: list[float] | None = None  # an embedding model's pooled vector, when finished
+    # Constrained decoding: the grammar's compile future until admission, then its matcher.
+    grammar_future: Any = None
+    matcher: Matcher | None = None
+    jump_forward: bool = False  # append the tokens the grammar forces without sampling them
 
     @property
     def fill_ids(self) -> list[int]:
@@ -108,8 +113,9 @@ class Req:
     def record_input_logprobs(self, entries: list[tuple[float, dict[int, float]]]) -> None:
         self.input_logprobs.extend(entries)
 
-    def append_token(self, token_id: int, context_len: int) -> None:
-        """Records a sampled token and decides whether the sequence is finished."""
+    def append_token(self, token_id: int, context_len: int, forced: bool = False) -> None:
+        """Records a sampled token (or, `forced`, one the grammar forced and already accepted)
+        and decides whether the sequence is finished."""
         now = time.time()
         if self.times.first_token is None:
             self.times.first_token = now
@@ -119,6 +125,10 @@ class Req:
         self.output_ids.append(token_id)
         params = self.sampling_params
         n_out = len(self.output_ids)
+        if self.matcher is not None and not forced and not self.matcher.accept(token_id):
+            message = f"the grammar rejected token {token_id} that its own mask allowed"
+            self.finished_reason = FinishReason("abort", message=message)
+            return
         hit_eos = token_id in self.eos_token_ids and not params.ignore_eos
         hit_stop_id = token_id in (params.stop_token_ids or ())
         if (hit_eos or hit_stop_id) and n_out > params.min_tokens:
@@ -128,6 +138,8 @@ class Req:
         matched = self.output_text.append([token_id], check_stop=n_out >= params.min_tokens)
         if matched is not None:
             self.finished_reason = FinishReason("stop", matched)
+        elif self.matcher is not None and self.matcher.terminated:
+            self.finished_reason = FinishReason("stop")  # the grammar is complete
         elif n_out >= self.max_new_tokens or len(self.origin_input_ids) + n_out >= context_len:
             self.finished_reason = FinishReason("length")
 
@@ -157,6 +169,8 @@ class Req:
             stream=self.stream,
             input_logprob_start=self.input_logprob_start,
             input_logprobs=self.input_logprobs,
+            matcher=self.matcher.clone() if self.matcher is not None else None,
+            jump_forward=self.jump_forward,
             times=ReqTimes(self.times.arrival, self.times.first_scheduled),
         )
 

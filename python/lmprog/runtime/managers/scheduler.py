@@ -11,6 +11,7 @@ import logging
 import random
 import time
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,9 @@ from lmprog.runtime.mem_cache.chunk_cache import ChunkCache
 from lmprog.runtime.mem_cache.radix_cache import RadixCache
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 from lmprog.runtime.model_executor.model_runner import ModelRunner
+from lmprog.runtime.sampling.constrained.grammar_backend import GrammarBackend, GrammarError
+from lmprog.runtime.sampling.constrained.grammar_spec import spec_of
+from lmprog.runtime.sampling.constrained.matcher import Matcher, apply_masks
 from lmprog.runtime.sampling.sampling_batch_info import SamplingBatchInfo
 from lmprog.runtime.sampling.seeded_random import derive_seed
 from lmprog.runtime.server_args import ServerArgs
@@ -57,6 +61,7 @@ class SchedulerStats:
     cache_query_tokens: int = 0  # prompt tokens of admitted requests
     cache_hit_tokens: int = 0  # of those, found in the prefix cache
     retracted_requests: int = 0
+    jump_forward_tokens: int = 0  # tokens a grammar forced, appended without sampling
 
     @property
     def cache_hit_rate(self) -> float:
@@ -97,6 +102,7 @@ class Scheduler:
         self._failed: list[Req] = []  # failed outside a batch; reported by the next step()
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.stats = SchedulerStats()
+        self._grammars: GrammarBackend | None = None  # made on the first constrained request
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -145,11 +151,43 @@ class Scheduler:
             prefill_only=recv.prefill_only or self.is_embedding,
         )
         req.times.arrival = recv.arrival_time
+        if params.is_constrained:
+            req.grammar_future = self.grammar_backend().submit(spec_of(params))
+            # Forced tokens are not sampled, so they have no logprobs to report.
+            req.jump_forward = params.logprobs is None and not self.server_args.disable_jump_forward
         if params.prompt_logprobs is not None:
             req.input_logprob_start = min(max(recv.logprob_start_len, 0), len(req.fill_ids))
             if req.input_logprob_start == 0:
                 req.record_input_logprobs([(None, {})])  # the first token has no context
         self.waiting.append(req)
+
+    def grammar_backend(self) -> GrammarBackend:
+        if self._grammars is None:
+            self._grammars = GrammarBackend(
+                self.tokenizer, self.vocab_size, sorted(self.eos_token_ids)
+            )
+        return self._grammars
+
+    def check_grammar(self, params) -> None:
+        """Compiles a request's grammar now (cached for when it runs); raises ValueError if it
+        does not compile. The offline engine calls it before enqueueing anything."""
+        if params.is_constrained:
+            self.grammar_backend().compile(spec_of(params))
+
+    def _poll_grammars(self) -> None:
+        """Waiting requests whose grammar finished compiling get their matcher, or fail."""
+        for req in self.waiting:
+            future = req.grammar_future
+            if future is None or not future.done():
+                continue
+            req.grammar_future = None
+            try:
+                req.matcher = Matcher(future.result(), self.tokenizer)
+            except GrammarError as e:
+                req.finish(FinishReason("error", message=str(e)))
+
+    def _grammars_pending(self) -> list:
+        return [r.grammar_future for r in self.waiting if r.grammar_future is not None]
 
     def _output_text(self, prompt_ids: list[int], params) -> OutputText:
         return OutputText(
@@ -173,6 +211,8 @@ class Scheduler:
 
     def step(self) -> list[Req]:
         """Runs one step; returns the requests that gained a token or finished in it."""
+        if self._grammars is not None:
+            self._poll_grammars()
         done = self._collect_aborted()
         batch = self.schedule()
         done += self._failed
@@ -180,6 +220,9 @@ class Scheduler:
         if batch is not None:
             logits = self.model_runner.forward(batch.forward_batch)
             done += self.process_batch_result(batch, logits)
+        elif self._grammars is not None and self._grammars_pending():
+            # Nothing to run until a grammar compiles: wait for one instead of spinning.
+            wait(self._grammars_pending(), timeout=0.05, return_when=FIRST_COMPLETED)
         if self.server_args.debug_checks and not self.has_work():
             self.check_integrity()
         return done
@@ -229,6 +272,8 @@ class Scheduler:
         for req in ordered:
             if adder.full:
                 break
+            if req.grammar_future is not None:
+                continue  # its grammar is still compiling
             match = matches.get(req) or self.tree_cache.match_prefix(req.match_key)
             lock_cost = self.tree_cache.lock_cost(match.last_node)
             result = adder.try_add(req, match.kv_indices.numel(), lock_cost)
@@ -306,7 +351,8 @@ class Scheduler:
         self.new_token_ratio = max(
             MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY
         )
-        batch = self._build(ForwardMode.DECODE, self.running, [r.kv_len + 1 for r in self.running])
+        ends = [len(r.fill_ids) for r in self.running]
+        batch = self._build(ForwardMode.DECODE, self.running, ends)
         assert batch is not None, f"decode found no KV room after retraction: {self.kv_stats()}"
         self.stats.decode_steps += 1
         return batch
@@ -314,8 +360,16 @@ class Scheduler:
     def _build(self, mode: ForwardMode, reqs: list[Req], ends: list[int]) -> ScheduledBatch | None:
         spans = [r.input_logprob_rows(e) for r, e in zip(reqs, ends)] if mode.is_extend else None
         starts = [r.kv_len for r in reqs]
+        # A decode step where a grammar forced several tokens runs as an extend of each
+        # request's new tokens (one or more), and is processed as a decode step.
+        several = mode.is_decode and any(e > s + 1 for s, e in zip(starts, ends))
         fb = build_forward_batch(
-            mode, reqs, ends, self.req_to_token_pool, self._alloc_extend, self.device
+            ForwardMode.EXTEND if several else mode,
+            reqs,
+            ends,
+            self.req_to_token_pool,
+            self._alloc_extend,
+            self.device,
         )
         if fb is None:
             return None
@@ -352,7 +406,7 @@ class Scheduler:
 
         def need() -> int:
             return self.allocator.extend_need(
-                [r.kv_len for r in self.running], [r.kv_len + 1 for r in self.running]
+                [r.kv_len for r in self.running], [len(r.fill_ids) for r in self.running]
             )
 
         if need() <= self._room():
@@ -414,12 +468,17 @@ class Scheduler:
             self.vocab_size,
             logits.device,
         )
+        matchers = [r.matcher for r in rows]
+        if any(m is not None for m in matchers):
+            apply_masks(logits, matchers)
         out = self.sampler(logits, info)
         next_ids = out.next_token_ids.tolist()
         for i, (req, token) in enumerate(zip(rows, next_ids)):
             if out.logprobs is not None and req.sampling_params.logprobs is not None:
                 req.record_logprob(*out.row_logprobs(i, req.sampling_params.logprobs))
             req.append_token(token, self.context_len)
+            if req.jump_forward and not req.finished:
+                self._jump_forward(req)
         self.stats.generated_tokens += len(rows)
         for req in rows:
             if req.finished:
@@ -429,6 +488,17 @@ class Scheduler:
         else:
             self.running = [r for r in self.running if not r.finished]
         return done + rows
+
+    def _jump_forward(self, req: Req) -> None:
+        """Appends the tokens the grammar forces after `req`'s new token; the next step
+        computes their KV together (see _build)."""
+        forced = req.matcher.forced_tokens()
+        for token in forced:
+            req.append_token(token, self.context_len, forced=True)
+            if req.finished:
+                break
+        self.stats.jump_forward_tokens += len(forced)
+        self.stats.generated_tokens += len(forced)
 
     def _finish_embeddings(self, batch: ScheduledBatch, pooled: torch.Tensor) -> list[Req]:
         """An embedding step's [B, hidden] rows: each request whose prompt is complete gets

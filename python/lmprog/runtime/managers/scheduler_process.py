@@ -83,8 +83,12 @@ class SchedulerLoop:
                 self._handle(message)
             if self.scheduler.has_work():
                 reports = [self._report(r) for r in self.scheduler.step() if r.stream or r.finished]
-                if reports:
-                    self._send(BatchOutput(reports))
+                errors = [r for r in reports if isinstance(r, RequestError)]
+                outputs = [r for r in reports if not isinstance(r, RequestError)]
+                for error in errors:
+                    self._send(error)
+                if outputs:
+                    self._send(BatchOutput(outputs))
             elif os.getppid() != self.parent:
                 logger.info("the API process is gone; exiting")
                 return
@@ -115,7 +119,10 @@ class SchedulerLoop:
         else:
             raise TypeError(f"unknown message {type(message).__name__}")
 
-    def _report(self, req: Req) -> SeqOutput:
+    def _report(self, req: Req) -> SeqOutput | RequestError:
+        reason = req.finished_reason
+        if reason is not None and reason.kind == "error":  # refused after it was queued
+            return RequestError(req.rid, reason.message or "the request was refused")
         start, req.reported_tokens = req.reported_tokens, len(req.output_ids)
         # Prompt logprobs go out once, in a sequence's first report (which has tokens or is
         # its last).

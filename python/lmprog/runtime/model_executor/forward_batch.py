@@ -90,8 +90,9 @@ class ForwardBatch:
     ) -> ForwardBatch:
         """Builds the tensors from host lists (the usual path from the scheduler and tests)."""
         assert len(req_pool_indices) == len(prefix_lens) == len(extend_lens), "ragged batch"
-        slots = len(input_ids) if mode is not ForwardMode.ENCODE else 0  # encode keeps no KV
-        assert sum(extend_lens) == len(input_ids) and out_cache_loc.numel() == slots, (
+        # Encode keeps no KV: it may be given no slots.
+        slots = {len(input_ids), 0} if mode is ForwardMode.ENCODE else {len(input_ids)}
+        assert sum(extend_lens) == len(input_ids) and out_cache_loc.numel() in slots, (
             f"{sum(extend_lens)} extend tokens, {len(input_ids)} ids, "
             f"{out_cache_loc.numel()} cache slots"
         )

@@ -25,6 +25,9 @@ from typing import Any
 # tiny temperature only overflows, and the limit of sampling as T -> 0 is the argmax anyway.
 GREEDY_TEMPERATURE = 1e-5
 
+# Output constraints; a request sets at most one.
+_CONSTRAINTS = ("regex", "json_schema", "json_object", "ebnf", "choice")
+
 # Penalty limits follow the OpenAI API (presence/frequency in [-2, 2]) and vLLM
 # (repetition > 0, where 1 means off).
 _PENALTY_LIMIT = 2.0
@@ -69,6 +72,10 @@ class SamplingParams:
         spaces_between_special_tokens: put spaces between special tokens when they are
             detokenized.
         include_stop_str_in_output: keep the matched stop string in the output text.
+        regex / json_schema / json_object / ebnf / choice: constrain the output (at most one):
+            to match a regex, to be JSON valid against a schema (a dict or JSON text), to be
+            any JSON object, to follow an EBNF grammar (with a `root` rule), or to be exactly
+            one of the given strings. The sequence ends when the grammar is complete.
     """
 
     n: int = 1
@@ -90,6 +97,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    regex: str | None = None
+    json_schema: str | dict | None = None
+    json_object: bool = False
+    ebnf: str | None = None
+    choice: list[str] | None = None
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -105,6 +117,11 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when the next token is the argmax (temperature below 1e-5)."""
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def is_constrained(self) -> bool:
+        """True when a grammar (regex, JSON, EBNF or choice) constrains the output."""
+        return any(getattr(self, name) for name in _CONSTRAINTS)
 
     @property
     def uses_penalties(self) -> bool:
@@ -186,6 +203,7 @@ class SamplingParams:
             _check_int("seed", self.seed)
         self._validate_stops()
         self._validate_lengths()
+        self._validate_constraint()
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=0)
@@ -197,6 +215,29 @@ class SamplingParams:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")  # noqa: TRY004
+
+    def _validate_constraint(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"give at most one output constraint, got {given}")
+        for name in ("regex", "ebnf"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if self.json_schema is not None and not isinstance(self.json_schema, (str, dict)):
+            raise ValueError(
+                f"json_schema must be a JSON Schema (an object or its JSON text), "
+                f"got {type(self.json_schema).__name__}"
+            )
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"json_object must be a bool, got {self.json_object!r}")  # noqa: TRY004
+        if self.choice is not None:
+            choice = self.choice
+            if not isinstance(choice, list) or not choice:
+                raise ValueError(f"choice must be a non-empty list of strings, got {choice!r}")
+            bad = [c for c in choice if not isinstance(c, str) or not c]
+            if bad:
+                raise ValueError(f"choice must contain non-empty strings, got {bad[0]!r}")
 
     def _validate_stops(self) -> None:
         for stop in self.stop:
