@@ -72,10 +72,15 @@ class GrammarBackend:
                 return c.compile_regex(spec.source)
             if spec.kind == "ebnf":
                 return c.compile_grammar(spec.source)
-            source = ANY_JSON_OBJECT if spec.kind == "json_object" else spec.source
-            json.loads(source)  # a clear message for text that is not JSON at all
+            if spec.kind == "json_object":  # any object: any keys
+                return c.compile_json_schema(
+                    ANY_JSON_OBJECT, any_whitespace=False, separators=JSON_SEPARATORS
+                )
+            json.loads(spec.source)  # a clear message for text that is not JSON at all
+            # strict: no properties beyond the schema's unless it allows them (as OpenAI's
+            # structured outputs), so a small model cannot wander into extra keys.
             return c.compile_json_schema(
-                source, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=False
+                spec.source, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=True
             )
         except json.JSONDecodeError as e:
             raise GrammarError(f"json_schema is not valid JSON: {e}") from None
