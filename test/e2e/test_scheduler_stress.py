@@ -1,6 +1,7 @@
 """Random traffic through the scheduler of a tiny random-weight Llama, in KV pools small enough
 that retraction, eviction and chunking happen all the time: after every step the KV accounting
-balances, every request ends exactly once with the tokens it asked for, and prompt logprobs
+balances, every request ends exactly once with the tokens it asked for (or, constrained, where
+its grammar completes, matching it), and prompt logprobs
 (from random start positions, across chunks, retractions and cached prefixes) equal HF's.
 
 LMPROG_STRESS_SEED=<anything> draws other traffic (for soaking the scheduler locally)."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ import torch
 
 from lmprog import LLM, SamplingParams
 from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
+
+DIGITS = r"[0-9]{1,6}( [0-9]{1,6}){0,4}"  # what constrained requests must produce
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,7 @@ def test_random_traffic_in_a_tiny_pool(tiny_model_dir: Path, config: dict) -> No
     stems = [[rng.randrange(3, 1000) for _ in range(rng.randrange(4, 40))] for _ in range(4)]
     asked: dict[str, int] = {}  # rid -> expected tokens per sequence (ignore_eos: max_tokens)
     scored: dict[str, tuple[list[int], int]] = {}  # rid -> (prompt, logprob_start_len)
+    constrained: set[str] = set()  # rids whose output must match DIGITS
     ended: dict[str, list] = {}
     for step in range(400):
         if step < 300 and rng.random() < 0.3:
@@ -72,12 +77,15 @@ def test_random_traffic_in_a_tiny_pool(tiny_model_dir: Path, config: dict) -> No
             start = rng.randrange(0, len(prompt) + 1)
             if rng.random() < 0.25:
                 scored[rid] = (prompt, start)
+            if rng.random() < 0.2:
+                constrained.add(rid)
             params = SamplingParams(
                 n=n,
                 max_tokens=asked[rid],
                 ignore_eos=True,
                 temperature=rng.choice([0, 1.0]),
                 prompt_logprobs=0 if rid in scored else None,
+                regex=DIGITS if rid in constrained else None,
             )
             sched.validate(prompt, params)
             sched.add_request(
@@ -100,11 +108,20 @@ def test_random_traffic_in_a_tiny_pool(tiny_model_dir: Path, config: dict) -> No
         for seq in seqs:
             if seq.finished_reason.kind == "abort":
                 assert len(seq.output_ids) <= asked[rid]
+            elif rid in constrained:  # the grammar ends it, or the budget does
+                text = seq.output_text.text
+                assert len(seq.output_ids) <= asked[rid], rid
+                if seq.finished_reason.kind == "stop":
+                    assert re.fullmatch(DIGITS, text), (rid, text)
+                else:
+                    assert len(seq.output_ids) == asked[rid] and re.fullmatch(r"[0-9 ]*", text)
             else:
                 assert (seq.finished_reason.kind, len(seq.output_ids)) == ("length", asked[rid])
     _check_prompt_logprobs(tiny_model_dir, ended, scored)
-    stats = sched.stats
-    assert stats.retracted_requests > 0, "the pool was meant to be too small"
+    grammar_done = [r for r in constrained if ended[r][0].finished_reason.kind == "stop"]
+    assert len(grammar_done) >= 2, "too few constrained requests completed their grammar"
+    if not os.environ.get("LMPROG_STRESS_SEED"):  # the pinned traffic is known to retract
+        assert sched.stats.retracted_requests > 0, "the pool was meant to be too small"
     assert engine.reset_prefix_cache()
     assert engine.get_kv_stats()["free"] == engine.get_kv_stats()["total"]
 

@@ -43,7 +43,9 @@ ASK_PERSON = [{"role": "user", "content": "Invent a person and describe them as 
 def test_regex_outputs_always_match(llm, kind: str) -> None:
     regex, prompt = REGEXES[kind]
     greedy = SamplingParams(max_tokens=40, temperature=0, regex=regex)
-    sampled = SamplingParams(max_tokens=40, temperature=1.0, top_p=0.95, seed=7, n=3, regex=regex)
+    sampled = SamplingParams(
+        max_tokens=40, temperature=1.0, top_p=0.95, top_k=20, seed=7, n=3, regex=regex
+    )
     outs = llm.generate([prompt, prompt], [greedy, sampled], use_tqdm=False)
     for completion in [c for o in outs for c in o.outputs]:
         assert completion.finish_reason == "stop", completion
