@@ -21,7 +21,38 @@ _LAZY = {
     "ServerArgs": "lmprog.runtime.server_args",
 }
 
-__all__ = [
+# The frontend language (no torch): `from lmprog import function, gen, RuntimeEndpoint, ...`,
+# so SGLang programs run with only the import changed.
+_LANG_NAMES = (
+    "function",
+    "gen",
+    "gen_int",
+    "gen_string",
+    "select",
+    "system",
+    "user",
+    "assistant",
+    "system_begin",
+    "system_end",
+    "user_begin",
+    "user_end",
+    "assistant_begin",
+    "assistant_end",
+    "set_default_backend",
+    "flush_cache",
+    "get_server_info",
+    "RuntimeEndpoint",
+    "Runtime",
+    "OpenAI",
+    "ProgramState",
+    "token_length_normalized",
+    "greedy_token_selection",
+    "unconditional_likelihood_normalized",
+)
+_LAZY.update(dict.fromkeys(_LANG_NAMES, "lmprog.lang"))
+
+__all__ = [  # noqa: PLE0604 -- the names are strings
+    *_LANG_NAMES,
     "LLM",
     "CompletionOutput",
     "EmbeddingRequestOutput",

@@ -26,6 +26,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from lmprog.lang.chat_template import derive_roles
 from lmprog.runtime.entrypoints.embeddings_api import router as embeddings_router
 from lmprog.runtime.entrypoints.errors import error_response, install_error_handlers
 from lmprog.runtime.entrypoints.metrics import Metrics
@@ -73,6 +74,7 @@ def build_app(
     app.state.args = args
     app.state.model_info = ready
     app.state.tokenizer = tokenizer
+    app.state.chat_roles = _chat_roles(tokenizer, args.model_name)
     install_error_handlers(app)
     app.add_middleware(_Guard, args=args)
     app.include_router(native_router)
@@ -143,6 +145,20 @@ class _Server(uvicorn.Server):
         if self.started:
             cfg = self.config
             print(f"lmprog server ready at http://{cfg.host}:{cfg.port}", flush=True)
+
+
+def _chat_roles(tokenizer: Any, name: str) -> dict | None:
+    """The model's role prefixes/suffixes (for frontend programs), from its chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    template = derive_roles(render, name)
+    return template.to_dict() if template is not None else None
 
 
 def launch_server(args: ServerArgs) -> int:

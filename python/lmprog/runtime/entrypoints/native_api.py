@@ -104,6 +104,8 @@ async def get_model_info(request: Request) -> dict:
         "is_generation": not info.is_embedding,
         "is_embedding": info.is_embedding,
         "embedding_dim": info.embedding_dim,
+        # Role prefixes/suffixes derived from the model's chat template (None: none found).
+        "chat_template": request.app.state.chat_roles,
         "context_length": info.context_len,
         "vocab_size": info.vocab_size,
         "device": info.device,
