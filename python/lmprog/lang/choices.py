@@ -100,9 +100,10 @@ class UnconditionalLikelihoodNormalized(ChoicesSamplingMethod):
             raise ValueError("unconditional_likelihood_normalized needs unconditional logprobs")
         scores = []
         for cond, uncond in zip(input_token_logprobs, unconditional_token_logprobs):
-            a, b = _values(cond), _values(uncond)
-            n = min(len(a), len(b))
-            scores.append(_mean([x - y for x, y in zip(a[-n:], b[-n:])]))
+            # Aligned from the end: a token without a context-free score (a choice's first
+            # token scored from nothing) counts with its conditional logprob alone.
+            pairs = list(zip(reversed(cond), reversed(uncond)))
+            scores.append(_mean([c[0] - (u[0] or 0.0) for c, u in pairs if c[0] is not None]))
         best = max(range(len(choices)), key=lambda i: scores[i])
         meta = {
             "normalized_prompt_logprobs": normalized_prompt_logprobs,

@@ -167,27 +167,21 @@ class RuntimeEndpoint(BaseBackend):
                 "logprob_start_len": start,
             },
         )
-        token_logprobs = []
+        token_logprobs, boundaries = [], []
         for item in scored:
             entries = item["meta_info"]["input_token_logprobs"]
+            boundary = None
             if start > 0 and len(entries) > 1 and prefix.endswith(entries[0][2] or "\0"):
-                entries = entries[1:]  # the boundary token did not retokenize: not the choice's
+                # The boundary token did not retokenize: it is the prefix's, not the choice's.
+                boundary, entries = entries[0][1], entries[1:]
             token_logprobs.append(entries)
+            boundaries.append(boundary)
         normalized = [
             _mean([e[0] for e in entries if e[0] is not None]) for entries in token_logprobs
         ]
         unconditional = None
         if method.requires_unconditional_logprobs:
-            out = self._post(
-                "/generate",
-                {
-                    "input_ids": [[e[1] for e in entries] for entries in token_logprobs],
-                    "sampling_params": {"max_new_tokens": 0},
-                    "return_logprob": True,
-                    "logprob_start_len": 0,
-                },
-            )
-            unconditional = [item["meta_info"]["input_token_logprobs"] for item in out]
+            unconditional = self._unconditional(token_logprobs, boundaries)
         decision = method(
             choices=choices,
             normalized_prompt_logprobs=normalized,
@@ -200,6 +194,26 @@ class RuntimeEndpoint(BaseBackend):
                 _sample(choices, normalized, temperature), decision.meta_info
             )
         return decision
+
+    def _unconditional(self, token_logprobs: list, boundaries: list) -> list[list]:
+        """Each choice's tokens scored without the program's context: after just the boundary
+        token when there is one (so every choice token has a score), else from the start (the
+        first token then has none)."""
+        ids = [
+            ([b] if b is not None else []) + [e[1] for e in entries]
+            for entries, b in zip(token_logprobs, boundaries)
+        ]
+        out = self._post(
+            "/generate",
+            {
+                "input_ids": ids,
+                "sampling_params": {"max_new_tokens": 0},
+                "return_logprob": True,
+                "logprob_start_len": 0,
+            },
+        )
+        scored = [item["meta_info"]["input_token_logprobs"] for item in out]
+        return [s[1:] if b is not None else s for s, b in zip(scored, boundaries)]
 
     # ---- HTTP -------------------------------------------------------------------------------
     def _session(self) -> requests.Session:
