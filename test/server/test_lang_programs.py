@@ -138,17 +138,25 @@ def test_parallel_encoding_with_concate_and_append(backend) -> None:
     assert "Berlin" in state["answer"]
 
 
+@function
+def two_turns(s, question_1, question_2):
+    s += user(question_1)
+    s += assistant(gen("answer_1", max_tokens=10))
+    s += user(question_2)
+    s += assistant(gen("answer_2", max_tokens=10))
+
+
 def test_streaming_joins_to_the_same_text(backend) -> None:
     kwargs = {"question_1": "Name a color.", "question_2": "Name another.", "temperature": 0}
-    whole = multi_turn.run(backend=backend, **kwargs)
-    streamed = multi_turn.run(backend=backend, stream=True, **kwargs)
+    whole = two_turns.run(backend=backend, **kwargs)
+    streamed = two_turns.run(backend=backend, stream=True, **kwargs)
     pieces = list(streamed.text_iter())
     assert "".join(pieces) == whole.text() and len(pieces) > 5
-    again = multi_turn.run(backend=backend, stream=True, **kwargs)
+    again = two_turns.run(backend=backend, stream=True, **kwargs)
     assert "".join(again.text_iter("answer_2")) == whole["answer_2"]
 
     async def collect() -> str:
-        state = multi_turn.run(backend=backend, stream=True, **kwargs)
+        state = two_turns.run(backend=backend, stream=True, **kwargs)
         return "".join([piece async for piece in state.text_async_iter("answer_1")])
 
     assert asyncio.run(collect()) == whole["answer_1"]
