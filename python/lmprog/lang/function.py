@@ -135,7 +135,7 @@ def _run_program(
     args, kwargs = call_args
     executor = state.stream_executor
     try:
-        func(state, *args, **kwargs)
+        state.ret_value = func(state, *args, **kwargs)
     except BaseException as e:
         if executor.error is None:
             executor.error = e

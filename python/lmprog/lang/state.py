@@ -22,6 +22,7 @@ from lmprog.lang.ir import (
 class ProgramState:
     def __init__(self, stream_executor: StreamExecutor) -> None:
         self.stream_executor = stream_executor
+        self.ret_value: Any = None  # what the program function returned
 
     # ---- writing --------------------------------------------------------------------------
     def __iadd__(self, other: Any) -> ProgramState:  # noqa: PYI034
