@@ -112,8 +112,9 @@ def test_fork_parallel_decoding_and_join(backend) -> None:
     state = tips.run(topic="staying healthy", temperature=0.8, backend=backend)
     assert isinstance(state["tip"], list) and len(state["tip"]) == 3
     assert all(isinstance(t, str) for t in state["tip"])
-    assert state.text().startswith("Here are three short tips about staying healthy.\n")
-    assert "In summary: " in state.text() and "Tip 1:" not in state.text()  # forks stay apart
+    # the branches' text stays in the branches
+    intro = "Here are three short tips about staying healthy.\n"
+    assert state.text() == intro + "In summary: " + state["summary"]
 
 
 def test_parallel_encoding_with_concate_and_append(backend) -> None:
