@@ -175,6 +175,19 @@ class Req:
         )
 
 
+@dataclass
+class ScheduledBatch:
+    """One step's batch: its mode for the scheduler (a decode step may run as an extend when a
+    grammar forced several tokens), its requests and the model's ForwardBatch."""
+
+    mode: ForwardMode
+    reqs: list[Req]
+    forward_batch: ForwardBatch
+    # Extend only: per request, the positions [a, b) whose logits score prompt tokens (their
+    # logits rows come first, before the one sampling row per request).
+    prompt_rows: list[tuple[int, int]] | None = None
+
+
 def build_forward_batch(
     mode: ForwardMode,
     reqs: list[Req],
@@ -213,5 +226,19 @@ def build_forward_batch(
         prefix_lens,
         [e - p for p, e in zip(prefix_lens, ends)],
         out_cache_loc,
+        device,
+    )
+
+
+def build_encode_batch(reqs: list[Req], device: torch.device) -> ForwardBatch:
+    """An encoder step over whole prompts: no KV slots, no request rows."""
+    lens = [len(r.origin_input_ids) for r in reqs]
+    return ForwardBatch.build(
+        ForwardMode.ENCODE,
+        [t for r in reqs for t in r.origin_input_ids],
+        [0] * len(reqs),
+        [0] * len(reqs),
+        lens,
+        torch.empty(0, dtype=torch.int64),
         device,
     )

@@ -11,14 +11,12 @@ import logging
 import random
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass
 
 import torch
 
-from lmprog.runtime.layers.logprobs import token_logprobs
 from lmprog.runtime.layers.sampler import Sampler
 from lmprog.runtime.managers.detokenizer import OutputText
+from lmprog.runtime.managers.grammar_manager import GrammarManager
 from lmprog.runtime.managers.io_struct import FinishReason, TokenizedGenerateReqInput
 from lmprog.runtime.managers.kv_accounting import check_integrity, kv_stats
 from lmprog.runtime.managers.prefill_adder import (
@@ -31,51 +29,28 @@ from lmprog.runtime.managers.prefill_adder import (
     num_seqs,
     running_reserve,
 )
-from lmprog.runtime.managers.schedule_batch import Req, build_forward_batch
+from lmprog.runtime.managers.prompt_logprobs import prompt_logits_indices, record_prompt_logprobs
+from lmprog.runtime.managers.schedule_batch import (
+    Req,
+    ScheduledBatch,
+    build_encode_batch,
+    build_forward_batch,
+)
 from lmprog.runtime.managers.schedule_policy import prioritize, retraction_order
+from lmprog.runtime.managers.scheduler_stats import SchedulerStats
 from lmprog.runtime.managers.validation import validate_embedding_request, validate_request
 from lmprog.runtime.mem_cache.base import BasePrefixCache
 from lmprog.runtime.mem_cache.chunk_cache import ChunkCache
 from lmprog.runtime.mem_cache.radix_cache import RadixCache
-from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
+from lmprog.runtime.model_executor.forward_batch import ForwardMode
 from lmprog.runtime.model_executor.model_runner import ModelRunner
-from lmprog.runtime.sampling.constrained.grammar_backend import GrammarBackend, GrammarError
-from lmprog.runtime.sampling.constrained.grammar_spec import spec_of
-from lmprog.runtime.sampling.constrained.matcher import Matcher, apply_masks
+from lmprog.runtime.sampling.constrained.matcher import apply_masks
 from lmprog.runtime.sampling.sampling_batch_info import SamplingBatchInfo
 from lmprog.runtime.sampling.seeded_random import derive_seed
 from lmprog.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 _EMPTY = torch.empty(0, dtype=torch.int64)
-
-
-@dataclass
-class SchedulerStats:
-    """Counters since start (the server's metrics read them)."""
-
-    prefill_tokens: int = 0  # prompt tokens computed (cached ones excluded)
-    generated_tokens: int = 0
-    prefill_steps: int = 0
-    decode_steps: int = 0
-    cache_query_tokens: int = 0  # prompt tokens of admitted requests
-    cache_hit_tokens: int = 0  # of those, found in the prefix cache
-    retracted_requests: int = 0
-    jump_forward_tokens: int = 0  # tokens a grammar forced, appended without sampling
-
-    @property
-    def cache_hit_rate(self) -> float:
-        return self.cache_hit_tokens / self.cache_query_tokens if self.cache_query_tokens else 0.0
-
-
-@dataclass
-class ScheduledBatch:
-    mode: ForwardMode
-    reqs: list[Req]
-    forward_batch: ForwardBatch
-    # Extend only: per request, the positions [a, b) whose logits score prompt tokens (their
-    # logits rows come first, before the one sampling row per request).
-    prompt_rows: list[tuple[int, int]] | None = None
 
 
 class Scheduler:
@@ -102,7 +77,7 @@ class Scheduler:
         self._failed: list[Req] = []  # failed outside a batch; reported by the next step()
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.stats = SchedulerStats()
-        self._grammars: GrammarBackend | None = None  # made on the first constrained request
+        self.grammars = GrammarManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -151,43 +126,17 @@ class Scheduler:
             prefill_only=recv.prefill_only or self.is_embedding,
         )
         req.times.arrival = recv.arrival_time
-        if params.is_constrained:
-            req.grammar_future = self.grammar_backend().submit(spec_of(params))
-            # Forced tokens are not sampled, so they have no logprobs to report.
-            req.jump_forward = params.logprobs is None and not self.server_args.disable_jump_forward
+        self.grammars.attach(req, jump_forward=not self.server_args.disable_jump_forward)
         if params.prompt_logprobs is not None:
             req.input_logprob_start = min(max(recv.logprob_start_len, 0), len(req.fill_ids))
             if req.input_logprob_start == 0:
                 req.record_input_logprobs([(None, {})])  # the first token has no context
         self.waiting.append(req)
 
-    def grammar_backend(self) -> GrammarBackend:
-        if self._grammars is None:
-            self._grammars = GrammarBackend(
-                self.tokenizer, self.vocab_size, sorted(self.eos_token_ids)
-            )
-        return self._grammars
-
     def check_grammar(self, params) -> None:
-        """Compiles a request's grammar now (cached for when it runs); raises ValueError if it
-        does not compile. The offline engine calls it before enqueueing anything."""
-        if params.is_constrained:
-            self.grammar_backend().compile(spec_of(params))
-
-    def _poll_grammars(self) -> None:
-        """Waiting requests whose grammar finished compiling get their matcher, or fail."""
-        for req in self.waiting:
-            future = req.grammar_future
-            if future is None or not future.done():
-                continue
-            req.grammar_future = None
-            try:
-                req.matcher = Matcher(future.result(), self.tokenizer)
-            except GrammarError as e:
-                req.finish(FinishReason("error", message=str(e)))
-
-    def _grammars_pending(self) -> list:
-        return [r.grammar_future for r in self.waiting if r.grammar_future is not None]
+        """Compiles a request's grammar now; raises ValueError if it does not compile. The
+        offline engine calls it before enqueueing anything."""
+        self.grammars.check(params)
 
     def _output_text(self, prompt_ids: list[int], params) -> OutputText:
         return OutputText(
@@ -211,8 +160,7 @@ class Scheduler:
 
     def step(self) -> list[Req]:
         """Runs one step; returns the requests that gained a token or finished in it."""
-        if self._grammars is not None:
-            self._poll_grammars()
+        self.grammars.poll(self.waiting)
         done = self._collect_aborted()
         batch = self.schedule()
         done += self._failed
@@ -220,9 +168,8 @@ class Scheduler:
         if batch is not None:
             logits = self.model_runner.forward(batch.forward_batch)
             done += self.process_batch_result(batch, logits)
-        elif self._grammars is not None and self._grammars_pending():
-            # Nothing to run until a grammar compiles: wait for one instead of spinning.
-            wait(self._grammars_pending(), timeout=0.05, return_when=FIRST_COMPLETED)
+        else:
+            self.grammars.wait_for_one(self.waiting)
         if self.server_args.debug_checks and not self.has_work():
             self.check_integrity()
         return done
@@ -314,15 +261,7 @@ class Scheduler:
             req.times.first_scheduled = time.time()
             reqs.append(req)
             tokens += n
-        fb = ForwardBatch.build(
-            ForwardMode.ENCODE,
-            [t for r in reqs for t in r.origin_input_ids],
-            [0] * len(reqs),
-            [0] * len(reqs),
-            [len(r.origin_input_ids) for r in reqs],
-            _EMPTY,
-            self.device,
-        )
+        fb = build_encode_batch(reqs, self.device)
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += tokens
         return ScheduledBatch(ForwardMode.ENCODE, reqs, fb)
@@ -374,14 +313,7 @@ class Scheduler:
         if fb is None:
             return None
         if spans is not None and any(b > a for a, b in spans):
-            # Rows of the flattened new tokens: request i's start at offset_i (= the tokens of
-            # the requests before it), its position p at offset_i + p - start_i.
-            offsets = fb.last_token_indices() + 1 - fb.extend_seq_lens
-            rows = [
-                torch.arange(a, b, device=self.device) + (off - s)
-                for (a, b), off, s in zip(spans, offsets.tolist(), starts)
-            ]
-            fb.logits_indices = torch.cat([*rows, fb.last_token_indices()])
+            fb.logits_indices = prompt_logits_indices(fb, spans, starts)
         else:
             spans = None
         return ScheduledBatch(mode, list(reqs), fb, spans)
@@ -454,7 +386,7 @@ class Scheduler:
             return self._finish_embeddings(batch, logits)
         rows, done = batch.reqs, []
         if batch.prompt_rows is not None:
-            logits = self._record_prompt_logprobs(batch, logits)
+            logits = record_prompt_logprobs(batch.reqs, batch.prompt_rows, logits)
         if batch.mode.is_extend:
             rows, logits, done = self._after_prefill(batch.reqs, logits)
             if not rows:
@@ -478,7 +410,9 @@ class Scheduler:
                 req.record_logprob(*out.row_logprobs(i, req.sampling_params.logprobs))
             req.append_token(token, self.context_len)
             if req.jump_forward and not req.finished:
-                self._jump_forward(req)
+                forced = self.grammars.jump_forward(req, self.context_len)
+                self.stats.jump_forward_tokens += forced
+                self.stats.generated_tokens += forced
         self.stats.generated_tokens += len(rows)
         for req in rows:
             if req.finished:
@@ -488,17 +422,6 @@ class Scheduler:
         else:
             self.running = [r for r in self.running if not r.finished]
         return done + rows
-
-    def _jump_forward(self, req: Req) -> None:
-        """Appends the tokens the grammar forces after `req`'s new token; the next step
-        computes their KV together (see _build)."""
-        forced = req.matcher.forced_tokens()
-        for token in forced:
-            req.append_token(token, self.context_len, forced=True)
-            if req.finished:
-                break
-        self.stats.jump_forward_tokens += len(forced)
-        self.stats.generated_tokens += len(forced)
 
     def _finish_embeddings(self, batch: ScheduledBatch, pooled: torch.Tensor) -> list[Req]:
         """An embedding step's [B, hidden] rows: each request whose prompt is complete gets
@@ -514,18 +437,6 @@ class Scheduler:
             self._release(req)
             done.append(req)
         return done
-
-    def _record_prompt_logprobs(self, batch: ScheduledBatch, logits: torch.Tensor) -> torch.Tensor:
-        """Scores the prompt tokens whose rows this step computed; returns the sampling rows."""
-        lo = 0
-        for req, (a, b) in zip(batch.reqs, batch.prompt_rows):
-            if b == a:
-                continue
-            targets = torch.tensor(req.origin_input_ids[a + 1 : b + 1], device=logits.device)
-            top = req.sampling_params.prompt_logprobs
-            req.record_input_logprobs(token_logprobs(logits[lo : lo + b - a], targets, top))
-            lo += b - a
-        return logits[lo:]
 
     def _after_prefill(
         self, reqs: list[Req], logits: torch.Tensor
