@@ -36,14 +36,9 @@ import contextlib
 import gc
 import json
 import math
-import os
 import queue
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -51,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 
 import requests
 import torch
+from server_process import serve
 
 MODEL = "all-minilm-l6-v2"
 MAX_DIFF = 1e-4  # max abs difference allowed between two implementations' vectors
@@ -203,58 +199,11 @@ def run_offline(
 
 
 # ---- 3 and 4. lmprog over HTTP ----------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(args: argparse.Namespace) -> Iterator[str]:
-    """A `launch_server` subprocess serving `args.model`, ready (GET /health is 200) on entry;
-    stopped with SIGTERM on exit, which must end it with code 0. Yields its base URL."""
-    port = args.port or free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "lmprog.launch_server", "--model-path", args.model]
-    cmd += ["--port", str(port)]
-    fd, log_path = tempfile.mkstemp(prefix="bench-embeddings-server-", suffix=".log")
-    with os.fdopen(fd, "w") as log:  # the child holds its own copy of the descriptor
-        # Its own session: a Ctrl-C here reaches only this script, which then stops the server;
-        # and a last-resort SIGKILL to the group also ends the scheduler process it spawned.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_ready(proc, base_url, args.server_timeout, log_path)
-        yield base_url
-    finally:
-        code = stop(proc)
-    if code != 0:
-        sys.exit(f"FAIL: the server exited with code {code} after SIGTERM; its log: {log_path}")
-    os.unlink(log_path)
-
-
-def wait_ready(proc: subprocess.Popen, base_url: str, timeout: float, log_path: str) -> None:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}; log: {log_path}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{base_url}/health", timeout=2).status_code == 200:
-                print(f"server start (until /health is 200): {time.perf_counter() - t0:.2f} s")
-                return
-        time.sleep(0.2)  # polling a subprocess we do not control: nothing to wait on instead
-    raise RuntimeError(f"the server was not ready after {timeout:.0f} s; log: {log_path}")
-
-
-def stop(proc: subprocess.Popen) -> int:
-    """SIGTERM, then wait; SIGKILL to the whole group if it does not exit. Returns its code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
+    """The embedding server (server_process.serve); yields its base URL."""
+    with serve(["--model-path", args.model], args.server_timeout, "embeddings", args.port) as url:
+        yield url
 
 
 def embed_one(session: requests.Session, url: str, model: str, text: str) -> list[float]:

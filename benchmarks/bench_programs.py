@@ -37,19 +37,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import requests
+from server_process import serve
 
 from lmprog import RuntimeEndpoint, assistant, function, gen, system, user
 
@@ -207,58 +202,12 @@ def programs(args: argparse.Namespace) -> list[Program]:
 
 
 # ---- servers ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(args: argparse.Namespace, radix_cache: bool) -> Iterator[str]:
-    """A `launch_server` subprocess, ready (GET /health is 200) on entry; stopped with SIGTERM on
-    exit, which must end it with code 0. Yields its base URL."""
-    port = args.port or free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "lmprog.launch_server", "--model-path", args.model]
-    cmd += ["--port", str(port)] + ([] if radix_cache else ["--disable-radix-cache"])
-    fd, log_path = tempfile.mkstemp(prefix="bench-programs-server-", suffix=".log")
-    with os.fdopen(fd, "w") as log:  # the child holds its own copy of the descriptor
-        # Its own session: a Ctrl-C here reaches only this script, which then stops the server;
-        # and a last-resort SIGKILL to the group also ends the scheduler process it spawned.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_ready(proc, base_url, args.server_timeout, log_path)
+    """A server for one configuration (server_process.serve); yields its base URL."""
+    flags = ["--model-path", args.model] + ([] if radix_cache else ["--disable-radix-cache"])
+    with serve(flags, args.server_timeout, "programs", args.port) as base_url:
         yield base_url
-    finally:
-        code = stop(proc)
-    if code != 0:
-        sys.exit(f"FAIL: the server exited with code {code} after SIGTERM; its log: {log_path}")
-    os.unlink(log_path)
-
-
-def wait_ready(proc: subprocess.Popen, base_url: str, timeout: float, log_path: str) -> None:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}; log: {log_path}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{base_url}/health", timeout=2).status_code == 200:
-                print(f"server start (until /health is 200): {time.perf_counter() - t0:.2f} s")
-                return
-        time.sleep(0.2)  # polling a subprocess we do not control: nothing to wait on instead
-    raise RuntimeError(f"the server was not ready after {timeout:.0f} s; log: {log_path}")
-
-
-def stop(proc: subprocess.Popen) -> int:
-    """SIGTERM, then wait; SIGKILL to the whole group if it does not exit. Returns its code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
 
 
 # ---- measurement ------------------------------------------------------------------------------

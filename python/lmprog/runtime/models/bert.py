@@ -31,6 +31,7 @@ from torch import nn
 from lmprog.runtime.layers.attention.base import RadixAttention
 from lmprog.runtime.layers.linear import linear, uninitialized
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
+from lmprog.runtime.models.weight_loading import expected_keys, load_named_weights
 
 # HF weights not used here: the pooler (a tanh dense over [CLS], unused by sentence-transformers'
 # mean pooling), masked-LM / NSP heads, and the position_ids buffer.
@@ -161,35 +162,7 @@ class BertModel(nn.Module):
         start = "qkv".index(shard) * q_rows
         return target, slice(start, start + q_rows), f"{target}[{shard}]"
 
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named weights in; fails on an unknown name, a wrong shape or a missing one."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            found = self._target(name)
-            if found is None:
-                continue
-            target, rows, key = found
-            if target not in params:
-                raise ValueError(f"unexpected weight {name!r} for {type(self).__name__} (bert)")
-            dst = params[target].data[rows]
-            if dst.shape != tensor.shape:
-                raise ValueError(
-                    f"weight {name!r} has shape {tuple(tensor.shape)}; "
-                    f"the model expects {tuple(dst.shape)}"
-                )
-            dst.copy_(tensor)
-            loaded.add(key)
-        missing = sorted(self._expected_weight_keys() - loaded)
-        if missing:
-            raise ValueError(f"{len(missing)} weights missing from the checkpoint: {missing[:8]}")
-
-    def _expected_weight_keys(self) -> set[str]:
-        keys: set[str] = set()
-        for name, _ in self.named_parameters():
-            if ".qkv_proj." in name:
-                keys.update(f"{name}[{shard}]" for shard in "qkv")
-            else:
-                keys.add(name)
-        return keys
+        expected = expected_keys(self, {"qkv_proj": "qkv"})
+        load_named_weights(self, weights, self._target, expected, "bert")

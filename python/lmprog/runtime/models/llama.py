@@ -38,6 +38,7 @@ from lmprog.runtime.layers.linear import linear, uninitialized
 from lmprog.runtime.layers.logits_processor import LogitsProcessor
 from lmprog.runtime.layers.rotary import RotaryEmbedding, rope_parameters
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch
+from lmprog.runtime.models.weight_loading import Target, expected_keys, load_named_weights
 
 logger = logging.getLogger(__name__)
 
@@ -216,46 +217,23 @@ class LlamaForCausalLM(nn.Module):
             "up": slice(inter, 2 * inter),
         }[shard]
 
-    @torch.no_grad()
+    def _target(self, name: str) -> Target | None:
+        """HF name -> (our parameter, its rows, key in the loaded set); None: not used here."""
+        if "rotary_emb." in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+            return None  # recomputed buffers; the tied head is the embedding
+        for fused, theirs, shard in STACKED_PARAMS:
+            if f".{theirs}." in name:
+                target = name.replace(f".{theirs}.", f".{fused}.")
+                return target, self._shard_rows(fused, shard), f"{target}[{shard}]"
+        return name, slice(None), name
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named weights in; fails on an unknown name, a wrong shape or a missing one."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb." in name or (self.tie_word_embeddings and name == "lm_head.weight"):
-                continue  # recomputed buffers; the tied head is the embedding
-            target, rows, key = name, slice(None), name
-            for fused, theirs, shard in STACKED_PARAMS:
-                if f".{theirs}." in name:
-                    target = name.replace(f".{theirs}.", f".{fused}.")
-                    rows, key = self._shard_rows(fused, shard), f"{target}[{shard}]"
-                    break
-            if target not in params:
-                raise ValueError(
-                    f"unexpected weight {name!r} for {type(self).__name__} "
-                    f"({getattr(self.config, 'model_type', '?')})"
-                )
-            dst = params[target].data[rows]
-            if dst.shape != tensor.shape:
-                raise ValueError(
-                    f"weight {name!r} has shape {tuple(tensor.shape)}; "
-                    f"the model expects {tuple(dst.shape)}"
-                )
-            dst.copy_(tensor)
-            loaded.add(key)
-        missing = sorted(self._expected_weight_keys() - loaded)
-        if missing:
-            raise ValueError(f"{len(missing)} weights missing from the checkpoint: {missing[:8]}")
-
-    def _expected_weight_keys(self) -> set[str]:
-        keys: set[str] = set()
-        for name, _ in self.named_parameters():
-            shards = [s for fused, _, s in STACKED_PARAMS if f".{fused}." in name]
-            if shards:
-                keys.update(f"{name}[{s}]" for s in shards)
-            else:
-                keys.add(name)
-        return keys
+        shards: dict[str, list[str]] = {}
+        for fused, _, shard in STACKED_PARAMS:
+            shards.setdefault(fused, []).append(shard)
+        family = getattr(self.config, "model_type", "?")
+        load_named_weights(self, weights, self._target, expected_keys(self, shards), family)
 
     @staticmethod
     def _warn_sliding_window(config: Any) -> None:
