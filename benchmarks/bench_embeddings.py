@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 
 import requests
 import torch
+from latency_stats import percentile
 from server_process import serve
 
 MODEL = "all-minilm-l6-v2"
@@ -123,17 +124,6 @@ def sentence(rng: random.Random) -> str:
 def sentences(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [sentence(rng) for _ in range(n)]
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); nan when empty."""
-    if not xs:
-        return math.nan
-    xs = sorted(xs)
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

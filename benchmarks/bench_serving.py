@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from latency_stats import percentile
+
 try:
     import httpx
 except ImportError:  # some environments ship the API-compatible fork under another name
@@ -181,17 +183,6 @@ async def run_load(args: argparse.Namespace, prompts: list[str]) -> tuple[list[R
 
 
 # ---- report -----------------------------------------------------------------------------------
-def percentile(xs: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); nan when empty."""
-    if not xs:
-        return math.nan
-    xs = sorted(xs)
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 

@@ -136,17 +136,10 @@ def set_default_backend(backend: Any) -> None:
     global_config.default_backend = backend
 
 
-def _default(backend: Any) -> Any:
-    backend = backend or global_config.default_backend
-    if backend is None:
-        raise ValueError("no backend: call set_default_backend(...) first or pass backend=...")
-    return getattr(backend, "endpoint", backend)
-
-
 def flush_cache(backend: Any = None) -> bool:
     """Drops the server's prefix cache (refused while requests run)."""
-    return _default(backend).flush_cache()
+    return global_config.resolve_backend(backend).flush_cache()
 
 
 def get_server_info(backend: Any = None) -> dict:
-    return _default(backend).get_server_info()
+    return global_config.resolve_backend(backend).get_server_info()

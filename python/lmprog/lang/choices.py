@@ -37,6 +37,11 @@ class ChoicesSamplingMethod(ABC):
     ) -> ChoicesDecision: ...
 
 
+def mean_logprob(entries: list[Any]) -> float:
+    """The mean logprob of [logprob, token_id, text] entries (None entries skipped)."""
+    return _mean(_values(entries))
+
+
 def _values(entries: list[Any]) -> list[float]:
     return [e[0] for e in entries if e[0] is not None]
 

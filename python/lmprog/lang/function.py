@@ -69,7 +69,7 @@ class SglFunction:
         """Runs the program once; returns its state (at once when `stream`: read it with
         `state.text_iter()`). Keyword arguments named like RUN_DEFAULTS set every gen's default."""
         defaults, kwargs = _split_defaults(kwargs)
-        backend = _backend(backend)
+        backend = global_config.resolve_backend(backend)
         executor = StreamExecutor(
             backend,
             kwargs,
@@ -104,7 +104,7 @@ class SglFunction:
             raise TypeError("run_batch takes a list of argument dicts, one per run")
         if not batch_kwargs:
             return []
-        backend = _backend(backend)
+        backend = global_config.resolve_backend(backend)
         if hasattr(backend, "cache_prefix"):
             prefix = trace_prefix(self, backend)
             if len(prefix) >= MIN_PREFIX_CHARS:
@@ -154,15 +154,6 @@ def _split_defaults(kwargs: dict[str, Any]) -> tuple[GenParams, dict[str, Any]]:
     values = {k: kwargs.pop(k, v) for k, v in RUN_DEFAULTS.items()}
     values["max_tokens"] = values.pop("max_new_tokens")
     return GenParams(**values), kwargs
-
-
-def _backend(backend: Any) -> Any:
-    backend = backend or global_config.default_backend
-    if backend is None:
-        raise ValueError(
-            "no backend: call set_default_backend(RuntimeEndpoint(url)) or pass backend=..."
-        )
-    return getattr(backend, "endpoint", backend)  # a Runtime serves through its endpoint
 
 
 def _progress(total: int) -> Any:

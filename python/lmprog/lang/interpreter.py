@@ -102,6 +102,11 @@ class StreamExecutor:
                 self.finished = True
                 self._chunks_changed.notify_all()
 
+    @property
+    def open_turn_text(self) -> str:
+        """The open turn's content so far ("" outside a turn)."""
+        return self.text_[self._role_start :] if self.cur_role is not None else ""
+
     def end_quietly(self) -> None:
         """end() for a program that already failed: its error is reported elsewhere."""
         try:

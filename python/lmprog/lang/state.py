@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from lmprog.lang.interpreter import StreamExecutor
@@ -147,7 +147,7 @@ class ProgramStateGroup:
     def __iadd__(self, other: Any) -> ProgramStateGroup:  # noqa: PYI034
         if callable(other):
             for i, state in enumerate(self.states):
-                state += _call(other, i)
+                state += other(i)
         elif isinstance(other, (list, tuple)):
             if len(other) != len(self.states):
                 raise ValueError(f"{len(other)} expressions for {len(self.states)} forks")
@@ -181,7 +181,3 @@ class ProgramStateGroup:
             )
         for state in self.states:
             state.stream_executor.end()
-
-
-def _call(f: Callable[[int], Any], i: int) -> Any:
-    return f(i)

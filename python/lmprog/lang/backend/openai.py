@@ -9,28 +9,12 @@ with roles rendered by a plain-text template.
 `select` on a completion model scores each choice from its tokens' logprobs (prompt scoring:
 `echo`, `logprobs`, `max_tokens=0`); on a chat model it asks the model (see `_ask`).
 
-API speculative execution (`@function(num_api_spec_tokens=K)`) saves calls by generating ahead:
-one call makes max(max_tokens, K) tokens with no stop strings, and later gens take their values
-from that text while the program keeps agreeing with it. The state lives in `executor.spec`:
-
-    spec.text = program text when the call was made + the completion
-                |------------ executor.text_ now -----------|-- rest --|
-
-While `executor.text_` is a prefix of `spec.text`, everything appended since the call (constant
-text, role prefixes, earlier gens' values) matched the completion, and a gen's value is the
-start of the rest, up to its first stop string. When the program's text diverges, the next gen
-makes a fresh call. Comparing prefixes, instead of watching each append, needs no hook in the
-executor and sees every append, whatever expression made it.
-
-On a chat model the call is made at a turn's first gen and answers the whole assistant turn:
-the constant text before that gen cannot be sent (see above), so when the reply repeats it the
-reply is placed over it, and otherwise the reply continues it. Gens whose output is constrained
-(regex, dtype, json_schema) are never speculated: they make their own call.
+API speculative execution (`@function(num_api_spec_tokens=K)`) saves calls by generating ahead;
+see speculation.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import threading
@@ -41,8 +25,9 @@ from typing import Any
 import openai
 
 from lmprog.lang.backend.base import BaseBackend
+from lmprog.lang.backend.speculation import Speculation, ahead, decides, speculates, take
 from lmprog.lang.chat_template import PLAIN, ROLES, ChatTemplate
-from lmprog.lang.choices import ChoicesDecision, ChoicesSamplingMethod
+from lmprog.lang.choices import ChoicesDecision, ChoicesSamplingMethod, mean_logprob
 from lmprog.lang.ir import GenParams
 
 # OpenAI's completion-only models; every other name is taken to be a chat model. Open models
@@ -63,20 +48,6 @@ class TokenUsage:
 
     def reset(self) -> None:
         self.prompt_tokens = self.completion_tokens = 0
-
-
-@dataclass
-class Speculation:
-    """Text generated ahead of the program: `text` is the program's text at the call plus the
-    completion. `finished`: the model ended the completion itself, not the token limit."""
-
-    text: str
-    finished: bool
-    meta: dict
-
-    def rest(self, program_text: str) -> str | None:
-        """What the program has not yet used; None once the program has diverged from it."""
-        return self.text[len(program_text) :] if self.text.startswith(program_text) else None
 
 
 class OpenAI(BaseBackend):
@@ -113,14 +84,14 @@ class OpenAI(BaseBackend):
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, executor: Any, params: GenParams) -> tuple[str, dict]:
-        if _speculates(executor, params):
+        if speculates(executor, params):
             return self._generate_spec(executor, params)
         if self.is_chat_model:
             return self._chat(_messages(executor), params)
         return self._complete(executor.text_, params)
 
     def generate_stream(self, executor: Any, params: GenParams) -> Iterator[tuple[str, dict]]:
-        if _speculates(executor, params):
+        if speculates(executor, params):
             yield self._generate_spec(executor, params)
             return
         kwargs = self._kwargs(params, logprobs=False) | {
@@ -171,25 +142,20 @@ class OpenAI(BaseBackend):
         decide it (the program diverged, or it ends before the gen would)."""
         spec: Speculation | None = executor.spec
         rest = spec.rest(executor.text_) if spec is not None else None
-        from_pending = rest is not None and _decides(rest, params, spec.finished)
+        from_pending = rest is not None and decides(rest, params, spec.finished)
         if not from_pending:
             spec = executor.spec = self._speculate(executor, params)
             rest = spec.rest(executor.text_)
-        return _take(rest, params), {**spec.meta, "from_pending": from_pending}
+        return take(rest, params), {**spec.meta, "from_pending": from_pending}
 
     def _speculate(self, executor: Any, params: GenParams) -> Speculation:
-        ahead = dataclasses.replace(
-            params,
-            stop=None,
-            stop_token_ids=None,
-            max_tokens=max(params.max_tokens or 0, executor.num_api_spec_tokens),
-        )
+        params = ahead(params, executor.num_api_spec_tokens)
         if not self.is_chat_model:
-            text, meta = self._complete(executor.text_, ahead)
+            text, meta = self._complete(executor.text_, params)
             return Speculation(executor.text_ + text, meta["finish_reason"] == "stop", meta)
         _check_turn(executor)
-        reply, meta = self._chat(list(executor.messages_), ahead)
-        turn = _turn_text(executor)
+        reply, meta = self._chat(list(executor.messages_), params)
+        turn = executor.open_turn_text
         before = executor.text_[: len(executor.text_) - len(turn)]
         # The reply answers the whole turn: it either repeats the turn's text so far or goes on
         # from it.
@@ -209,7 +175,7 @@ class OpenAI(BaseBackend):
         if self.is_chat_model:
             return self._ask(executor, choices, temperature)
         token_logprobs = self._score([executor.text_ + c for c in choices], len(executor.text_))
-        normalized = [_mean([e[0] for e in row if e[0] is not None]) for row in token_logprobs]
+        normalized = [mean_logprob(row) for row in token_logprobs]
         unconditional = None
         if method.requires_unconditional_logprobs:
             unconditional = self._score(choices, 0)
@@ -345,16 +311,6 @@ class OpenAI(BaseBackend):
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-def _speculates(executor: Any, params: GenParams) -> bool:
-    constrained = params.effective_regex is not None or params.json_schema is not None
-    return bool(executor.num_api_spec_tokens) and not constrained
-
-
-def _turn_text(executor: Any) -> str:
-    """The open turn's content so far (the executor marks where it began)."""
-    return executor.text_[executor._role_start :]
-
-
 def _check_turn(executor: Any) -> None:
     if executor.cur_role != "assistant":
         where = f"a {executor.cur_role} turn" if executor.cur_role else "no turn"
@@ -367,7 +323,7 @@ def _check_turn(executor: Any) -> None:
 def _messages(executor: Any) -> list[dict[str, str]]:
     """The closed turns, for a chat call made at the start of an assistant turn."""
     _check_turn(executor)
-    turn = _turn_text(executor)
+    turn = executor.open_turn_text
     if turn:
         raise ValueError(
             "chat models only support gen/select at the start of an assistant turn; this turn "
@@ -396,27 +352,6 @@ def _match(answer: str, choices: list[str]) -> str:
     return choices[0]
 
 
-def _decides(rest: str, params: GenParams, finished: bool) -> bool:
-    """Whether the speculated rest fixes the gen's value: one of its stop strings occurs there,
-    the rest holds max_tokens characters, or the model ended the completion there."""
-    if finished or any(stop in rest for stop in params.stops):
-        return True
-    return params.max_tokens is not None and len(rest) >= params.max_tokens
-
-
-def _take(rest: str, params: GenParams) -> str:
-    """The gen's value: the rest up to its first stop string (left in the rest, for the text
-    that follows to match), and at most max_tokens characters.
-
-    NOTE: characters stand in for tokens (the API's text has no token boundaries); a token is
-    at least one character, so the value is never longer than max_tokens tokens would be.
-    """
-    cut = min((rest.find(stop) for stop in params.stops if stop in rest), default=len(rest))
-    if params.max_tokens is not None:
-        cut = min(cut, params.max_tokens)
-    return rest[:cut]
-
-
 def _chat_events(stream: Any) -> Iterator[tuple[str, Any, Any]]:
     """(text, finish_reason, usage) of a streamed chat completion; usage comes last, alone."""
     for chunk in stream:
@@ -432,7 +367,3 @@ def _completion_events(stream: Any) -> Iterator[tuple[str, Any, Any]]:
             yield c.text, c.finish_reason, None
         if chunk.usage is not None:
             yield "", None, chunk.usage
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("-inf")

@@ -18,7 +18,7 @@ import requests
 
 from lmprog.lang.backend.base import BaseBackend
 from lmprog.lang.chat_template import CHATML, PLAIN, ChatTemplate
-from lmprog.lang.choices import ChoicesDecision, ChoicesSamplingMethod
+from lmprog.lang.choices import ChoicesDecision, ChoicesSamplingMethod, mean_logprob
 from lmprog.lang.ir import GenParams
 
 TEMPLATES = {"chatml": CHATML, "plain": PLAIN}
@@ -176,9 +176,7 @@ class RuntimeEndpoint(BaseBackend):
                 boundary, entries = entries[0][1], entries[1:]
             token_logprobs.append(entries)
             boundaries.append(boundary)
-        normalized = [
-            _mean([e[0] for e in entries if e[0] is not None]) for entries in token_logprobs
-        ]
+        normalized = [mean_logprob(entries) for entries in token_logprobs]
         unconditional = None
         if method.requires_unconditional_logprobs:
             unconditional = self._unconditional(token_logprobs, boundaries)
@@ -252,10 +250,6 @@ def _check(r: requests.Response, ok: tuple[int, ...] = (200,)) -> None:
     except (ValueError, KeyError, TypeError):
         message = r.text
     raise RuntimeError(f"lmprog server answered {r.status_code}: {message}")
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("-inf")
 
 
 def _sample(choices: list[str], scores: list[float], temperature: float) -> str:

@@ -25,6 +25,7 @@ from lmprog.runtime.engine.outputs import (
 from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
 from lmprog.runtime.managers.schedule_batch import Req
 from lmprog.runtime.managers.scheduler import Scheduler
+from lmprog.runtime.managers.validation import truncate_prompt
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 from lmprog.runtime.server_args import DEFAULT_MODEL, ServerArgs
 
@@ -87,8 +88,8 @@ class LLM:
         self._require_embedding("embed")
         inputs = [self._tokenize(p) for p in _as_prompt_list(prompts)]
         if truncate_prompt_tokens is not None:
-            inputs = [(t, _truncate(ids, truncate_prompt_tokens)) for t, ids in inputs]
-        outs = self._run(inputs, None, use_tqdm, finished_only=True)
+            inputs = [(t, truncate_prompt(ids, truncate_prompt_tokens)) for t, ids in inputs]
+        outs = self._run_to_end(inputs, None, use_tqdm)
         return [
             EmbeddingRequestOutput(
                 rid, EmbeddingOutput(seqs[0].embedding), seqs[0].origin_input_ids
@@ -208,10 +209,18 @@ class LLM:
         inputs: list[tuple[str | None, list[int]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool,
-        finished_only: bool = False,
-    ) -> Any:
-        """Runs every input to the end: RequestOutputs in input order, or with
-        `finished_only` the raw (rid, sequences) pairs."""
+    ) -> list[RequestOutput]:
+        """Runs every input to the end; RequestOutputs in input order."""
+        finished = self._run_to_end(inputs, sampling_params, use_tqdm)
+        return [_request_output(rid, seqs, self.tokenizer) for rid, seqs in finished]
+
+    def _run_to_end(
+        self,
+        inputs: list[tuple[str | None, list[int]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool,
+    ) -> list[tuple[str, list[Req]]]:
+        """Validates every input, then runs them all; (rid, finished sequences) in input order."""
         params = _per_prompt_params(sampling_params, len(inputs))
         # Validate everything before enqueueing anything: a bad prompt leaves the engine idle.
         for i, ((_, ids), p) in enumerate(zip(inputs, params)):
@@ -232,9 +241,7 @@ class LLM:
             while self.scheduler.has_work():
                 self.scheduler.step()
             raise
-        if finished_only:
-            return [(rid, finished[rid]) for rid in rids]
-        return [_request_output(rid, finished[rid], self.tokenizer) for rid in rids]
+        return [(rid, finished[rid]) for rid in rids]
 
     def _drive(self, rids: set[str], use_tqdm: bool) -> dict[str, list[Req]]:
         """Steps the scheduler until every sequence of `rids` finished; groups them by rid."""
@@ -271,12 +278,6 @@ def _wants_embedding(runner: str | None, task: str | None) -> bool:
     if task not in (None, "auto", "generate", "embed", "embedding"):
         raise ValueError(f"task must be 'generate' or 'embed', got {task!r}")
     return runner == "pooling" or task in ("embed", "embedding")
-
-
-def _truncate(ids: list[int], keep: int) -> list[int]:
-    if type(keep) is not int or keep < 1:
-        raise ValueError(f"truncate_prompt_tokens must be an integer >= 1, got {keep!r}")
-    return ids[-keep:]
 
 
 def _cosine(x: list[float], y: list[float]) -> float:

@@ -27,6 +27,7 @@ from lmprog.runtime.entrypoints.common import (
 from lmprog.runtime.entrypoints.errors import APIError
 from lmprog.runtime.entrypoints.openai_protocol import EmbeddingRequest
 from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
+from lmprog.runtime.managers.validation import truncate_prompt
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -56,13 +57,7 @@ def _inputs(raw: Any, tokenizer: Any, field: str) -> tuple[list[list[int]], bool
 
 
 def _truncate(ids: list[list[int]], keep: int | None) -> list[list[int]]:
-    if keep is None:
-        return ids
-    if keep < 1:
-        raise APIError(
-            400, f"truncate_prompt_tokens must be >= 1, got {keep}", "truncate_prompt_tokens"
-        )
-    return [x[-keep:] for x in ids]
+    return ids if keep is None else [truncate_prompt(x, keep) for x in ids]
 
 
 async def _embed(request: Request, ids: list[list[int]], rid: str) -> list[list[float]]:

@@ -201,8 +201,8 @@ class _LogprobRequest:
 
 def _parse_generate(
     body: Any, tokenizer: Any, new_rid: Any
-) -> tuple[list[TokenizedGenerateReqInput], bool]:
-    """(requests, is_batch) from a /generate body."""
+) -> tuple[list[TokenizedGenerateReqInput], bool, _LogprobRequest]:
+    """(requests, is_batch, what logprobs it asks for) from a /generate body."""
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
     text = body.get("text", body.get("prompt"))
@@ -264,7 +264,7 @@ def _parse_generate(
                 logprob_start_len=max(lp.start, 0),
             )
         )
-    return reqs, batch
+    return reqs, batch, lp
 
 
 def _logprob_meta(
@@ -316,11 +316,10 @@ async def generate(request: Request) -> Any:
     require_kind(request, embedding=False)
     tm = tm_of(request)
     body = await request.json()
-    reqs, batch = _parse_generate(body, tm.tokenizer, tm.new_rid)
+    reqs, batch, lp = _parse_generate(body, tm.tokenizer, tm.new_rid)
     for i, r in enumerate(reqs):
         validate(tm, r.input_ids, r.sampling_params, f"prompt {i}: " if batch else "")
     admit(tm, len(reqs))
-    lp = _LogprobRequest.parse(body)
     start = time.perf_counter()
     if body.get("stream"):
         return StreamingResponse(

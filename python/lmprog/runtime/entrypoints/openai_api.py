@@ -147,7 +147,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     rid = f"cmpl-{uuid.uuid4().hex}"
     gens = _completion_requests(req, tm, rid)
     admit(tm, len(gens))
-    n = 1 if req.max_tokens == 0 else gens[0].sampling_params.n
+    n = 1 if gens[0].prefill_only else gens[0].sampling_params.n
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -66,3 +66,10 @@ def validate_embedding_request(
             f"input has {len(input_ids)} tokens; the KV pool holds {max_total_tokens} "
             "(max_total_tokens)"
         )
+
+
+def truncate_prompt(input_ids: list[int], keep: int) -> list[int]:
+    """The last `keep` tokens (`truncate_prompt_tokens`: embedders keep a long input's end)."""
+    if type(keep) is not int or keep < 1:
+        raise ValueError(f"truncate_prompt_tokens must be an integer >= 1, got {keep!r}")
+    return input_ids[-keep:]
