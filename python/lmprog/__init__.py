@@ -41,6 +41,7 @@ _LANG_NAMES = (
     "set_default_backend",
     "flush_cache",
     "get_server_info",
+    "separate_reasoning",
     "RuntimeEndpoint",
     "Runtime",
     "OpenAI",
@@ -48,11 +49,20 @@ _LANG_NAMES = (
     "token_length_normalized",
     "greedy_token_selection",
     "unconditional_likelihood_normalized",
+    # SGLang names lmprog cannot serve: they raise NotImplementedError, saying why, when called.
+    "image",
+    "video",
+    "Engine",
+    "Anthropic",
+    "LiteLLM",
+    "VertexAI",
 )
 _LAZY.update(dict.fromkeys(_LANG_NAMES, "lmprog.lang"))
+_LAZY["global_config"] = "lmprog.lang.global_config"  # SGLang's settings object
 
 __all__ = [  # noqa: PLE0604 -- the names are strings
     *_LANG_NAMES,
+    "global_config",
     "LLM",
     "CompletionOutput",
     "EmbeddingRequestOutput",

@@ -97,6 +97,26 @@ def test_min_tokens_holds_back_eos(llm) -> None:
     assert len(c.token_ids) >= 30 and eos not in c.token_ids[:30]
 
 
+def test_logit_bias_bans_and_forces_tokens(llm) -> None:
+    prompt = "The capital of France is"
+    base = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = llm.generate(prompt, base, use_tqdm=False)[0].outputs[0].token_ids
+    banned = base.with_overrides(logit_bias={plain[0]: -100})
+    forced_id = llm.get_tokenizer().encode(" banana")[0]
+    forced = {str(forced_id): 100}  # string keys, as JSON clients send them
+    sampled = SamplingParams(temperature=1.0, max_tokens=6, seed=3, logit_bias=forced)
+    outs = llm.generate(
+        [prompt] * 4,
+        [banned, base.with_overrides(logit_bias=forced), sampled, base],
+        use_tqdm=False,
+    )
+    without_first = outs[0].outputs[0].token_ids
+    assert without_first[0] != plain[0] and plain[0] not in without_first
+    assert outs[1].outputs[0].token_ids == [forced_id] * 6
+    assert outs[2].outputs[0].token_ids == [forced_id] * 6
+    assert outs[3].outputs[0].token_ids == plain  # the row without a bias is untouched
+
+
 def test_seeded_sampling_is_reproducible(llm) -> None:
     def run(seed: int) -> list[int]:
         p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=seed, ignore_eos=True)
@@ -166,6 +186,14 @@ def test_metrics_are_ordered(llm) -> None:
         ),
         (lambda tok: ("hi", SamplingParams(stop_token_ids=[10**6])), "stop_token_ids"),
         (lambda tok: ("hi", SamplingParams(logprobs=100)), "logprobs"),
+        (
+            lambda tok: ("hi", SamplingParams(n=257)),
+            r"n must be <= 256 \(the server's max_running_requests",
+        ),
+        (
+            lambda tok: ("hi", SamplingParams(logit_bias={"99999": -100})),
+            r"logit_bias has token id 99999, outside the vocabulary \(ids must be < 49152\)",
+        ),
     ],
 )
 def test_bad_input_raises_and_the_engine_keeps_working(llm, make_input, message) -> None:
@@ -206,10 +234,14 @@ def test_sampling_params_per_prompt(llm) -> None:
         llm.generate(["A", "B"], [SamplingParams()] * 3, use_tqdm=False)
 
 
+SMALL = {"seed": 0, "page_size": 4, "max_total_tokens": 256, "max_running_requests": 4}
+SMALL["max_model_len"] = 128
+
+
 def test_paged_kv_and_a_small_pool_give_the_same_answers(llm, engine_factory) -> None:
     """page_size 4 and a pool too small for all requests at once: requests queue, pages fill
     and free, and the greedy answers are those of the default engine."""
-    small = engine_factory(seed=0, page_size=4, max_total_tokens=256, max_running_requests=4)
+    small = engine_factory(**SMALL)
     convs = [GERMANY, ARITH] * 4
     expected = [o.outputs[0].text for o in llm.chat(convs, GREEDY, use_tqdm=False)]
     got = [o.outputs[0].text for o in small.chat(convs, GREEDY, use_tqdm=False)]
@@ -218,4 +250,37 @@ def test_paged_kv_and_a_small_pool_give_the_same_answers(llm, engine_factory) ->
     outs = small.generate("Count: one, two,", p, use_tqdm=False)[0].outputs
     assert outs[0].token_ids == outs[1].token_ids == outs[2].token_ids
     with pytest.raises(ValueError, match="KV pool holds 256"):
-        small.generate("hi", SamplingParams(max_tokens=1000), use_tqdm=False)
+        small.generate("hi", SamplingParams(max_tokens=100, n=3), use_tqdm=False)
+
+
+def test_max_tokens_beyond_the_context_stops_at_it_offline(engine_factory) -> None:
+    """vLLM's offline behaviour (the HTTP routes refuse instead): the sequence ends at the
+    context with finish_reason length."""
+    small = engine_factory(**SMALL)
+    prompt = [42] * 124
+    out = small.generate(prompt, SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].finish_reason == "length"
+
+
+def test_a_failed_batch_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatch) -> None:
+    """A fault in the batched work (here the forward) ends that step's sequences with an
+    error; their half-written KV is freed, not cached, and later requests run normally."""
+    runner = llm.scheduler.model_runner
+    real_forward = runner.forward
+    calls = {"n": 0}
+
+    def failing_once(batch):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decode step
+            raise RuntimeError("simulated kernel failure")
+        return real_forward(batch)
+
+    monkeypatch.setattr(runner, "forward", failing_once)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, n=2)
+    outs = llm.generate(["Count to ten:", "Name a color:"], params, use_tqdm=False)
+    for out in outs:
+        assert out.error is not None and "simulated kernel failure" in out.error
+        assert {c.finish_reason for c in out.outputs} == {"error"}
+    llm.check_integrity()
+    monkeypatch.setattr(runner, "forward", real_forward)
+    assert "Berlin" in llm.chat(GERMANY, GREEDY, use_tqdm=False)[0].outputs[0].text

@@ -127,3 +127,21 @@ def test_bad_grammars_are_refused_before_anything_runs(llm, params: dict, needle
     with pytest.raises(ValueError, match=needle):
         llm.generate("x", SamplingParams(max_tokens=4, **params), use_tqdm=False)
     assert not llm.scheduler.has_work()
+
+
+def test_the_grammar_cache_is_bounded_least_recently_used_out(llm) -> None:
+    from lmprog.runtime.sampling.constrained.grammar_backend import GrammarBackend
+    from lmprog.runtime.sampling.constrained.grammar_spec import spec_of
+
+    grammars = llm.scheduler.grammars
+    backend = GrammarBackend(llm.get_tokenizer(), grammars.vocab_size, grammars.stop_token_ids, 2)
+    a, b, c = (spec_of(SamplingParams(regex=r)) for r in ("a+", "b+", "c+"))
+    fa = backend.submit(a)
+    backend.submit(b)
+    assert backend.submit(a) is fa  # a hit, and now the most recently used
+    backend.submit(c)  # evicts b, the least recently used
+    assert backend.cached == 2
+    assert backend.submit(a) is fa
+    fb = backend.submit(b)  # compiled again
+    assert fb.result() is not None and backend.cached == 2
+    backend.shutdown()

@@ -28,12 +28,12 @@ def free_port() -> int:
 class Server:
     """`python -m lmprog.launch_server` on a free port; `url` once it answers."""
 
-    def __init__(self, *flags: str) -> None:
+    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         key = flags[flags.index("--api-key") + 1] if "--api-key" in flags else None
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), HF_HUB_OFFLINE="1")
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), HF_HUB_OFFLINE="1", **(env or {}))
         self.log = open(f"/tmp/lmprog-test-server-{self.port}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lmprog.launch_server", "--port", str(self.port), *flags],
@@ -94,8 +94,8 @@ class Server:
 _SERVERS: list[Server] = []
 
 
-def start_server(*flags: str) -> Server:
-    server = Server(*flags)
+def start_server(*flags: str, env: dict[str, str] | None = None) -> Server:
+    server = Server(*flags, env=env)
     _SERVERS.append(server)
     return server
 
@@ -108,10 +108,14 @@ def _stop_servers() -> Iterator[None]:
     assert all(code == 0 for code in codes.values()), codes
 
 
+FAULT_RID = "inject-fault"  # requests whose rid contains this fail in their step
+
+
 @pytest.fixture(scope="session")
 def server() -> Server:
-    """The default server: the embedded model, no API key."""
-    return start_server()
+    """The default server: the embedded model, no API key; the test hook that fails the
+    requests whose rid contains FAULT_RID is on (no other test uses such ids)."""
+    return start_server(env={"LMPROG_FAULT_INJECT_RID": FAULT_RID})
 
 
 @pytest.fixture(autouse=True)

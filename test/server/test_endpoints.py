@@ -169,6 +169,49 @@ def test_32_concurrent_requests_each_get_their_own_answer(server, client) -> Non
     assert sum(t.startswith(f" {i + 3},") for i, t in zip(range(10, 42), alone)) > 24
 
 
+# ---- logit_bias ------------------------------------------------------------------------------
+def _one_token(server, text: str) -> int:
+    (token,) = requests.post(f"{server.url}/tokenize", json={"text": text}).json()["tokens"]
+    return token
+
+
+def test_logit_bias_forces_a_token_on_every_route(server, client) -> None:
+    banana = _one_token(server, " banana")
+    bias = {str(banana): 100}  # what the openai client sends: string keys
+    kw = {"model": MODEL, "max_tokens": 4, "temperature": 0, "logit_bias": bias}
+    completion = client.completions.create(prompt="1, 2, 3,", **kw)
+    assert completion.choices[0].text == " banana" * 4
+    chat = client.chat.completions.create(messages=GERMANY, **kw)
+    assert chat.choices[0].message.content.count("banana") == 4
+    native = requests.post(
+        f"{server.url}/generate",
+        json={
+            "text": "1, 2, 3,",
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0, "logit_bias": bias},
+        },
+    ).json()
+    assert native["output_ids"] == [banana] * 4
+
+
+@pytest.mark.parametrize(
+    ("bias", "needles"),
+    [
+        ({"99999": -100}, ["logit_bias", "99999", "vocabulary"]),
+        ({"5": 101}, ["logit_bias", "[-100, 100]", "101"]),
+    ],
+)
+def test_bad_logit_bias_is_a_400(server, client, bias, needles) -> None:
+    for create, kw in (
+        (client.completions.create, {"prompt": "x"}),
+        (client.chat.completions.create, {"messages": GERMANY}),
+    ):
+        with pytest.raises(openai.BadRequestError) as error:
+            create(model=MODEL, max_tokens=2, logit_bias=bias, **kw)
+        assert error.value.status_code == 400
+        assert all(needle in str(error.value) for needle in needles), str(error.value)
+    assert requests.get(f"{server.url}/health").status_code == 200
+
+
 # ---- bad input ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("route", "body", "status", "needle"),

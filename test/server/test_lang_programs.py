@@ -117,6 +117,25 @@ def test_fork_parallel_decoding_and_join(backend) -> None:
     assert state.text() == intro + "In summary: " + state["summary"]
 
 
+def test_fork_items_written_the_sglang_way(backend) -> None:
+    @sgl.function
+    def expand(s):
+        s += "Two tips for sleeping well: 1. Keep a schedule. 2. Avoid screens.\n"
+        forks = s.fork(2)
+        for i in range(2):
+            forks[i] += f"Tip {i + 1} in one sentence:"
+            forks[i] += sgl.gen("detail", max_tokens=12, stop="\n")
+        s["details"] = [forks[0]["detail"], forks[1]["detail"]]
+        s += "Tip 1:" + s["details"][0] + "\nTip 2:" + s["details"][1] + "\n"
+        s += "Score the tips from 1 to 9: " + sgl.gen_int("score", max_tokens=3)
+
+    state = expand.run(temperature=0, backend=backend)
+    first, second = state["details"]
+    assert f"Tip 1:{first}\nTip 2:{second}\n" in state.text()
+    assert "in one sentence" not in state.text()  # the branches' prompts stay in the branches
+    int(state["score"])  # REGEX_INT lets the number end in whitespace; its stop strings cut it
+
+
 def test_parallel_encoding_with_concate_and_append(backend) -> None:
     @function
     def answer_from(s, facts, question):

@@ -92,6 +92,17 @@ def chi_square(observed: torch.Tensor, expected: torch.Tensor, draws: int) -> fl
         ({"n": 1.5}, ["n", "integer", "1.5"]),
         ({"temperature": "hot"}, ["temperature", "number", "hot"]),
         ({"ignore_eos": 1}, ["ignore_eos", "bool", "1"]),
+        ({"logit_bias": {-1: 5.0}}, ["logit_bias", "token id -1", ">= 0"]),
+        ({"logit_bias": {"-3": 5.0}}, ["logit_bias", "token id -3", ">= 0"]),
+        ({"logit_bias": {7: 101}}, ["logit_bias", "token id 7", "[-100, 100]", "101"]),
+        ({"logit_bias": {7: -100.5}}, ["logit_bias", "[-100, 100]", "-100.5"]),
+        ({"logit_bias": {7: math.inf}}, ["logit_bias", "[-100, 100]", "inf"]),
+        ({"logit_bias": {7: "high"}}, ["logit_bias", "token id 7", "number", "'high'"]),
+        ({"logit_bias": {7: True}}, ["logit_bias", "number", "True"]),
+        ({"logit_bias": {"x7": 1.0}}, ["logit_bias", "integer token ids", "'x7'"]),
+        ({"logit_bias": {7.0: 1.0}}, ["logit_bias", "integer token ids", "7.0"]),
+        ({"logit_bias": {"7": 1.0, 7: 2.0}}, ["logit_bias", "token id 7", "more than once"]),
+        ({"logit_bias": [[7, 1.0]]}, ["logit_bias", "map of token id to bias", "list"]),
     ],
 )
 def test_invalid_params_name_field_value_and_limit(kwargs: dict, fragments: list[str]) -> None:
@@ -109,6 +120,20 @@ def test_params_are_normalised() -> None:
     assert isinstance(params.temperature, float)
     assert SamplingParams().stop == [] and SamplingParams().stop_token_ids == []
     assert SamplingParams(max_tokens=None, min_tokens=100).max_tokens is None
+
+
+def test_logit_bias_keys_from_json_become_ints() -> None:
+    """OpenAI clients send {"50256": -100}: JSON object keys are always strings."""
+    params = SamplingParams(logit_bias={"50256": -100, 7: 1, "0": 100.0})
+    assert params.logit_bias == {50256: -100.0, 7: 1.0, 0: 100.0}
+    assert all(type(k) is int and type(v) is float for k, v in params.logit_bias.items())
+    assert params.uses_logit_bias
+    assert (
+        not SamplingParams().uses_logit_bias and not SamplingParams(logit_bias={}).uses_logit_bias
+    )
+    copy = params.clone()
+    copy.logit_bias[3] = 2.0
+    assert 3 not in params.logit_bias
 
 
 def test_greedy_resets_truncation_and_tiny_temperature_is_greedy() -> None:
@@ -134,6 +159,12 @@ def test_validate_for_model() -> None:
         SamplingParams(stop_token_ids=[10]).validate_for_model(vocab_size=10)
     with pytest.raises(ValueError, match=r"logprobs must be <= 5.*got 6"):
         SamplingParams(logprobs=6).validate_for_model(vocab_size=10, max_logprobs=5)
+    SamplingParams(logit_bias={9: 1.0}).validate_for_model(vocab_size=10)
+    with pytest.raises(
+        ValueError,
+        match=r"logit_bias has token id 99999, outside the vocabulary \(ids must be < 49152\)",
+    ):
+        SamplingParams(logit_bias={"99999": -100}).validate_for_model(vocab_size=49152)
 
 
 def test_sampling_params_import_without_torch() -> None:
@@ -355,6 +386,114 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     early = sample(logits[:1].expand(500, -1), [sampled] * 500, outputs=[[7]] * 500, eos=eos)
     assert not torch.isin(early.next_token_ids, torch.tensor([3, 4])).any()
     assert torch.isin(early.next_token_ids, torch.tensor([0, 1, 2])).all()
+
+
+# -- logit_bias --------------------------------------------------------------------------------
+
+
+def test_logit_bias_minus_100_bans_the_favourite_token() -> None:
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(7)) * 3
+    logits[:, 42] += 12.0  # token 42 is every row's clear favourite
+    draws = 400
+    many = logits[:1].expand(draws, -1).contiguous()
+    for params in (
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.5, top_k=5),
+        SamplingParams(temperature=2.0, top_p=0.9),
+    ):
+        assert (sample(many, [params] * draws).next_token_ids == 42).any(), params
+        banned = params.with_overrides(logit_bias={42: -100})
+        tokens = sample(many, [banned] * draws, seeds=list(range(draws))).next_token_ids
+        assert not (tokens == 42).any(), params
+    greedy = SamplingParams(temperature=0.0, logit_bias={"42": -100})
+    runner_up = logits.clone()
+    runner_up[:, 42] = -math.inf
+    assert torch.equal(sample(logits, [greedy] * 6).next_token_ids, runner_up.argmax(-1))
+
+
+def test_logit_bias_plus_100_forces_a_token() -> None:
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(8)) * 3
+    unlikely = int(logits[0].argmin())  # the least likely token of row 0
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={unlikely: 100}),
+        SamplingParams(temperature=1.0, logit_bias={unlikely: 100}),
+        SamplingParams(temperature=1.0, top_k=3, top_p=0.5, logit_bias={unlikely: 100}),
+        SamplingParams(temperature=1.0, min_p=0.2, logit_bias={unlikely: 100}),
+    ]
+    same = logits[:1].expand(4, -1)
+    assert sample(same, params).next_token_ids.tolist() == [unlikely] * 4
+    # Masks win: min_tokens' -inf on EOS, like a grammar's, stays -inf whatever the bias.
+    early = SamplingParams(temperature=0.0, min_tokens=1, logit_bias={unlikely: 100})
+    out = sample(same[:1], [early], eos=(unlikely,))
+    assert out.next_token_ids.item() != unlikely
+    masked = same[:1].clone()
+    masked[0, unlikely] = -math.inf
+    assert sample(masked, [params[0]]).next_token_ids.item() != unlikely
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_logit_bias_rows_in_a_batch_match_rows_alone(device: torch.device) -> None:
+    """Each biased row picks what it would from its logits plus the bias, whatever the
+    other rows are; rows without a bias are untouched."""
+    generator = torch.Generator().manual_seed(9)
+    vocab, rows = 500, 8
+    logits = (torch.randn(rows, vocab, generator=generator) * 2).to(device)
+    biases = [
+        {
+            int(t): float(b)
+            for t, b in zip(
+                torch.randint(0, vocab, (20,), generator=generator),
+                torch.empty(20).uniform_(-6, 6, generator=generator),
+            )
+        }
+        if i % 2 == 0
+        else None
+        for i in range(rows)
+    ]
+    kinds = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.8, top_p=0.9, presence_penalty=0.5),
+        SamplingParams(temperature=1.2, top_k=30),
+    ]
+    params = [kinds[i // 2].with_overrides(logit_bias=biases[i]) for i in range(rows)]
+    seeds = [100 + i for i in range(rows)]
+    outputs = [
+        [int(t) for t in torch.randint(0, vocab, (i,), generator=generator)] for i in range(rows)
+    ]
+    batch = sample(logits, params, seeds=seeds, outputs=outputs).next_token_ids
+    for i in range(rows):
+        plain = params[i].with_overrides(logit_bias=None)
+        biased = logits[i : i + 1].clone()
+        for token, bias in (biases[i] or {}).items():
+            biased[0, token] += bias
+        expected = sample(biased, [plain], seeds=[seeds[i]], outputs=[outputs[i]])
+        alone = sample(logits[i : i + 1], [params[i]], seeds=[seeds[i]], outputs=[outputs[i]])
+        assert batch[i] == expected.next_token_ids[0] == alone.next_token_ids[0], i
+    # The biases are strong enough to matter: without them some rows pick differently.
+    unbiased = [p.with_overrides(logit_bias=None) for p in params]
+    assert not torch.equal(
+        batch, sample(logits, unbiased, seeds=seeds, outputs=outputs).next_token_ids
+    )
+
+
+def test_logit_bias_leaves_logprobs_raw() -> None:
+    """Like penalties, a bias changes the pick, not the model's reported probabilities."""
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(10)) * 2
+    forced = int(logits[0].argmin())
+    params = [
+        SamplingParams(temperature=0.0, logprobs=3, logit_bias={forced: 100}),
+        SamplingParams(temperature=1.0, logprobs=3, logit_bias={int(logits[1].argmax()): -100}),
+    ]
+    out = sample(logits, params)
+    assert out.next_token_ids[0] == forced
+    reference = torch.log_softmax(logits, dim=-1)
+    chosen = reference.gather(1, out.next_token_ids[:, None]).squeeze(1)
+    assert torch.allclose(out.logprobs, chosen, atol=1e-5)
+    top_values, top_ids = reference.topk(3, dim=-1)
+    assert torch.equal(out.top_logprob_ids, top_ids)
+    assert torch.allclose(out.top_logprobs, top_values, atol=1e-5)
 
 
 # -- logprobs -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from lmprog.lang.api import (
     gen_string,
     get_server_info,
     select,
+    separate_reasoning,
     set_default_backend,
     system,
     system_begin,
@@ -31,13 +32,18 @@ from lmprog.lang.choices import (
     unconditional_likelihood_normalized,
 )
 from lmprog.lang.state import ProgramState, ProgramStateGroup
+from lmprog.lang.unsupported import Anthropic, Engine, LiteLLM, VertexAI, image, video
 
 __all__ = [
+    "Anthropic",
+    "Engine",
+    "LiteLLM",
     "OpenAI",
     "ProgramState",
     "ProgramStateGroup",
     "Runtime",
     "RuntimeEndpoint",
+    "VertexAI",
     "assistant",
     "assistant_begin",
     "assistant_end",
@@ -48,7 +54,9 @@ __all__ = [
     "gen_string",
     "get_server_info",
     "greedy_token_selection",
+    "image",
     "select",
+    "separate_reasoning",
     "set_default_backend",
     "system",
     "system_begin",
@@ -58,4 +66,5 @@ __all__ = [
     "user",
     "user_begin",
     "user_end",
+    "video",
 ]

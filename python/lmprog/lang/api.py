@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from lmprog.lang import global_config
 from lmprog.lang.choices import ChoicesSamplingMethod
 from lmprog.lang.function import SglFunction
-from lmprog.lang.ir import Expr, ExprList, Gen, GenParams, RoleBegin, RoleEnd, Select, as_expr
+from lmprog.lang.global_config import global_config, resolve_backend
+from lmprog.lang.ir import (
+    Expr,
+    ExprList,
+    Gen,
+    GenParams,
+    RoleBegin,
+    RoleEnd,
+    Select,
+    as_expr,
+    flatten,
+)
+from lmprog.lang.reasoning import reasoning_format
 
 
 def function(
@@ -42,9 +54,12 @@ def gen(
     json_schema: str | dict | None = None,
     choices: list[str] | None = None,
     choices_method: ChoicesSamplingMethod | None = None,
+    n: int | None = None,
+    stop_regex: str | list[str] | None = None,
 ) -> Expr:
     """Generate into variable `name`. With `choices`, a select; `dtype` (int, float, bool, str)
     constrains the output to that type's regex."""
+    _refuse_unsupported(n, stop_regex)
     if choices is not None:
         return select(name, choices, 0.0 if temperature is None else temperature, choices_method)
     params = GenParams(
@@ -69,6 +84,20 @@ def gen(
     )
     params.dtype_name  # noqa: B018 -- fails now, naming the dtype, not deep in a worker
     return Gen(name, params)
+
+
+def _refuse_unsupported(n: int | None, stop_regex: Any) -> None:
+    """SGLang's gen takes these too; refused here, where the program can be fixed, not later."""
+    if n not in (None, 1):
+        raise NotImplementedError(
+            f"gen(n={n!r}) is not supported by lmprog: a gen's variable holds one completion. "
+            "For several samples, fork: forks = s.fork(n); forks += gen(name); forks.join()"
+        )
+    if stop_regex is not None:
+        raise NotImplementedError(
+            "gen(stop_regex=...) is not supported by lmprog: the server stops at strings "
+            "(stop=...) and token ids (stop_token_ids=...), not at regexes"
+        )
 
 
 def gen_int(name: str | None = None, **kwargs: Any) -> Expr:
@@ -132,14 +161,34 @@ def assistant_end() -> Expr:
     return RoleEnd("assistant")
 
 
+def separate_reasoning(expr: Any = None, model_type: str | None = None) -> Expr:
+    """`expr` with every named gen and select in it splitting the model's thinking off its value
+    into the variable `<name>_reasoning_content` (formats: reasoning.py)."""
+    reasoning_format(model_type)  # an unknown model_type fails here, in the program's line
+    leaves = [] if expr is None else flatten(as_expr(expr))
+    if not any(isinstance(leaf, (Gen, Select)) and leaf.name for leaf in leaves):
+        raise ValueError(
+            "separate_reasoning needs a named gen or select, e.g. "
+            'separate_reasoning(gen("answer"), model_type="qwen3")'
+        )
+    return ExprList(
+        [
+            dataclasses.replace(leaf, reasoning_format=model_type)
+            if isinstance(leaf, (Gen, Select)) and leaf.name
+            else leaf
+            for leaf in leaves
+        ]
+    )
+
+
 def set_default_backend(backend: Any) -> None:
     global_config.default_backend = backend
 
 
 def flush_cache(backend: Any = None) -> bool:
     """Drops the server's prefix cache (refused while requests run)."""
-    return global_config.resolve_backend(backend).flush_cache()
+    return resolve_backend(backend).flush_cache()
 
 
 def get_server_info(backend: Any = None) -> dict:
-    return global_config.resolve_backend(backend).get_server_info()
+    return resolve_backend(backend).get_server_info()

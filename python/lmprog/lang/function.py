@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from lmprog.lang import global_config
+from lmprog.lang.global_config import global_config, resolve_backend
 from lmprog.lang.interpreter import StreamExecutor
 from lmprog.lang.ir import GenParams
 from lmprog.lang.state import ProgramState
@@ -69,7 +69,7 @@ class SglFunction:
         """Runs the program once; returns its state (at once when `stream`: read it with
         `state.text_iter()`). Keyword arguments named like RUN_DEFAULTS set every gen's default."""
         defaults, kwargs = _split_defaults(kwargs)
-        backend = global_config.resolve_backend(backend)
+        backend = resolve_backend(backend)
         executor = StreamExecutor(
             backend,
             kwargs,
@@ -104,8 +104,8 @@ class SglFunction:
             raise TypeError("run_batch takes a list of argument dicts, one per run")
         if not batch_kwargs:
             return []
-        backend = global_config.resolve_backend(backend)
-        if hasattr(backend, "cache_prefix"):
+        backend = resolve_backend(backend)
+        if global_config.enable_precache_with_tracing and hasattr(backend, "cache_prefix"):
             prefix = trace_prefix(self, backend)
             if len(prefix) >= MIN_PREFIX_CHARS:
                 backend.cache_prefix(prefix)
@@ -148,6 +148,9 @@ def _run_program(
     except BaseException:
         if raise_errors:
             raise
+        return
+    if global_config.verbosity >= 2:
+        print(executor.text_)  # SGLang's verbosity 2: the text of every run
 
 
 def _split_defaults(kwargs: dict[str, Any]) -> tuple[GenParams, dict[str, Any]]:

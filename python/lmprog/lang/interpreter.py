@@ -36,6 +36,7 @@ from lmprog.lang.ir import (
     VarScopeEnd,
     flatten,
 )
+from lmprog.lang.reasoning import split_reasoning
 
 _END = object()  # the worker's stop signal
 
@@ -202,7 +203,7 @@ class StreamExecutor:
         else:
             text, meta = self.backend.generate(self, params)
             self._append(text, expr.name)
-        self._record(expr.name, text, meta)
+        self._record(expr.name, text, meta, expr.reasoning_format)
 
     def _select(self, expr: Select) -> None:
         from lmprog.lang.choices import token_length_normalized
@@ -210,12 +211,20 @@ class StreamExecutor:
         method = expr.choices_method or token_length_normalized
         decision = self.backend.select(self, expr.choices, expr.temperature, method)
         self._append(decision.decision, expr.name)
-        self._record(expr.name, decision.decision, decision.meta_info)
+        self._record(expr.name, decision.decision, decision.meta_info, expr.reasoning_format)
 
-    def _record(self, name: str | None, value: str, meta: Any) -> None:
-        if name is not None:
-            self.meta_info[name] = meta
-            self.set_var(name, value)
+    def _record(
+        self, name: str | None, value: str, meta: Any, reasoning_format: str | None = None
+    ) -> None:
+        """Sets the variable; with a reasoning format, the thinking goes to its own variable
+        first, so whoever waits for `name` finds both."""
+        if name is None:
+            return
+        self.meta_info[name] = meta
+        if reasoning_format is not None:
+            thinking, value = split_reasoning(value, reasoning_format)
+            self.set_var(f"{name}_reasoning_content", thinking)
+        self.set_var(name, value)
 
     def _role_begin(self, role: str) -> None:
         if self.cur_role is not None:

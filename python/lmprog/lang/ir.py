@@ -3,6 +3,7 @@
     "text" / Text        constant text
     Gen                  generate into a variable (sampling parameters in GenParams)
     Select               pick one of several strings by likelihood
+                         (either may split the model's reasoning off its value: reasoning.py)
     RoleBegin / RoleEnd  a chat turn's boundaries (the template turns them into text)
     VarScopeBegin / End  capture everything appended in between as a variable
     ExprList             several of the above, appended in order (`a + b`)
@@ -16,12 +17,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# dtype -> (regex, stop strings): SGLang's typed gens. An int or float ends at whitespace.
+# The typed gens' regexes, under SGLang's names and values (programs import them from here).
+# A number may end in spaces or newlines, which its stop strings then cut off: the model can
+# finish a number the way it likes to instead of only with its end-of-sequence token.
+REGEX_INT = r"[-+]?[0-9]+[ \n]*"
+REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+[ \n]*"
+REGEX_BOOL = r"(True|False)"
+REGEX_STR = r"\"[\w\d\s]*\""  # a quoted run of word characters and spaces
+
+# dtype -> (regex, stop strings): what gen(dtype=...), gen_int and gen_string constrain to.
 DTYPE_REGEX: dict[str, tuple[str, list[str]]] = {
-    "int": (r"[-+]?[0-9]+", [" ", "\n"]),
-    "float": (r"[-+]?[0-9]*\.?[0-9]+", [" ", "\n"]),
-    "bool": (r"(True|False)", []),
-    "str": (r'"[\w\d\s]*"', []),
+    "int": (REGEX_INT, [" ", "\n"]),
+    "float": (REGEX_FLOAT, [" ", "\n"]),
+    "bool": (REGEX_BOOL, []),
+    "str": (REGEX_STR, []),
 }
 
 
@@ -112,6 +121,7 @@ class GenParams:
 class Gen(Expr):
     name: str | None
     params: GenParams = field(default_factory=GenParams)
+    reasoning_format: str | None = None  # separate_reasoning's model_type (reasoning.py)
 
 
 @dataclass
@@ -120,6 +130,7 @@ class Select(Expr):
     choices: list[str]
     temperature: float = 0.0
     choices_method: Any = None  # a ChoicesSamplingMethod; None: token-length normalized
+    reasoning_format: str | None = None
 
 
 @dataclass

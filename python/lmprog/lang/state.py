@@ -65,6 +65,15 @@ class ProgramState:
             [ProgramState(executor.copy_for_fork()) for _ in range(size)], self
         )
 
+    @contextlib.contextmanager
+    def copy(self) -> Iterator[ProgramState]:
+        """`with s.copy() as c:` a one-branch fork, joined (gather_variable) when the block ends."""
+        forks = self.fork(1)
+        try:
+            yield forks[0]
+        finally:
+            forks.join()
+
     # ---- reading --------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
         return self.stream_executor.get_var(name)
@@ -72,8 +81,17 @@ class ProgramState:
     def __setitem__(self, name: str, value: Any) -> None:
         self.stream_executor.set_var(name, value)
 
+    def __contains__(self, name: str) -> bool:
+        """`"x" in s`: waits for what was submitted first (the program runs ahead of its gens),
+        so the answer does not depend on timing."""
+        self.stream_executor.sync()
+        return name in self.stream_executor.variables
+
     def get_var(self, name: str) -> Any:
         return self.stream_executor.get_var(name)
+
+    def set_var(self, name: str, value: Any) -> None:
+        self.stream_executor.set_var(name, value)
 
     def get_meta_info(self, name: str) -> Any:
         self.stream_executor.get_var(name)
@@ -137,6 +155,15 @@ class ProgramStateGroup:
 
     def __getitem__(self, i: int) -> ProgramState:
         return self.states[i]
+
+    def __setitem__(self, i: int, state: Any) -> None:
+        """Python runs `forks[i] += expr` as `forks[i] = forks[i].__iadd__(expr)`: the append
+        happened in place, and storing the same state back is all there is to do."""
+        if state is not self.states[i]:
+            raise TypeError(
+                f"forks[{i}] cannot be replaced (by {type(state).__name__}): a fork's states "
+                f"are fixed; append to one with forks[{i}] += ..."
+            )
 
     def __len__(self) -> int:
         return len(self.states)

@@ -76,6 +76,13 @@ class ServerArgs:
         default=False,
         metadata={"help": "Sample every token of constrained outputs, even forced ones."},
     )
+    grammar_cache_size: int = field(
+        default=256,
+        metadata={
+            "help": "Compiled grammars (regex, JSON schema, EBNF) kept, least recently used "
+            "out first."
+        },
+    )
     attention_backend: str = field(
         default="torch_native", metadata={"help": "Attention implementation: torch_native."}
     )
@@ -116,6 +123,7 @@ class ServerArgs:
             ("kv_cache_bytes", self.kv_cache_bytes > 0, "> 0"),
             ("port", 0 <= self.port < 65536, "in [0, 65536)"),
             ("max_request_bytes", self.max_request_bytes > 0, "> 0"),
+            ("grammar_cache_size", self.grammar_cache_size >= 1, ">= 1"),
             ("mem_fraction_static", 0 < self.mem_fraction_static <= 1, "in (0, 1]"),
             (
                 "dtype",

@@ -259,7 +259,9 @@ class LLM:
                 n_out += 1
                 if req.finished:
                     finished[req.rid].append(req)
-                    if len(finished[req.rid]) == expected[req.rid]:
+                    # One that ended before forking (failed in its prefill) ends all n.
+                    expected[req.rid] -= req.family
+                    if expected[req.rid] == 0:
                         done += 1
                         if bar is not None:
                             bar.update(1)

@@ -12,12 +12,17 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from lmprog.runtime.entrypoints.errors import APIError
-from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
+from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
 from lmprog.runtime.managers.tokenizer_manager import (
+    DuplicateRequestError,
     QueueFullError,
+    RequestFailedError,
+    RequestState,
     SchedulerDiedError,
     TokenizerManager,
 )
+from lmprog.runtime.managers.validation import ContextLengthError
+from lmprog.runtime.sampling.param_error import ParamError
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -25,9 +30,12 @@ SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 DISCONNECT_POLL = 0.5
 
 
-def make_sampling_params(values: dict[str, Any], field_prefix: str = "") -> SamplingParams:
+def make_sampling_params(
+    values: dict[str, Any], field_prefix: str = "", names: dict[str, str] | None = None
+) -> SamplingParams:
     """SamplingParams from JSON values (None means the default); a bad name or value is a
-    400 naming the field."""
+    400 whose `param` is the field, as the route calls it (`names`: SamplingParams' name ->
+    the route's, e.g. max_tokens -> max_new_tokens)."""
     unknown = sorted(set(values) - SAMPLING_FIELDS)
     if unknown:
         raise APIError(
@@ -36,7 +44,14 @@ def make_sampling_params(values: dict[str, Any], field_prefix: str = "") -> Samp
     try:
         return SamplingParams(**{k: v for k, v in values.items() if v is not None})
     except (TypeError, ValueError) as e:
-        raise APIError(400, str(e)) from None
+        raise APIError(400, str(e), _route_param(e, field_prefix, names)) from None
+
+
+def _route_param(e: Exception, prefix: str, names: dict[str, str] | None) -> str | None:
+    param = e.param if isinstance(e, ParamError) else None
+    if param is None:
+        return None
+    return prefix + (names or {}).get(param, param)
 
 
 def tm_of(request: Request) -> TokenizerManager:
@@ -48,7 +63,9 @@ def check_model(request: Request, model: str | None) -> str:
     served = request.app.state.args.model_name
     if model is not None and model != served:
         raise APIError(
-            404, f"model '{model}' is not served here; this server serves '{served}'", "model"
+            404,
+            f"The model '{model}' does not exist: this server serves '{served}'",
+            code="model_not_found",
         )
     return served
 
@@ -72,23 +89,49 @@ def require_kind(request: Request, embedding: bool) -> None:
     raise APIError(400, message)
 
 
-def admit(tm: TokenizerManager, requests: int) -> None:
-    """Refuses new work when the queue is full or the scheduler is gone (503 + Retry-After)."""
+def submit(
+    tm: TokenizerManager, reqs: list[TokenizedGenerateReqInput], stream: bool = False
+) -> list[RequestState]:
+    """Admits and sends requests (all or none): 503 + Retry-After when the queue is full, 503
+    when the scheduler is gone, 400 for a request id already in flight."""
     try:
-        tm.check_capacity(requests)
+        return tm.submit(reqs, stream=stream)
     except QueueFullError as e:
         raise APIError(503, str(e), headers={"Retry-After": "1"}) from None
     except SchedulerDiedError as e:
         raise APIError(503, str(e)) from None
+    except DuplicateRequestError as e:
+        raise APIError(400, str(e), "rid") from None
+
+
+async def tokenize_prompt(tm: TokenizerManager, text: str, param: str = "prompt") -> list[int]:
+    """A prompt's token ids (off the event loop); one that cannot fit the context is a 400
+    `context_length_exceeded` at once, before it is tokenized."""
+    try:
+        return await tm.tokenize(text)
+    except ContextLengthError as e:
+        raise APIError(400, str(e), param, code="context_length_exceeded") from None
 
 
 def validate(
-    tm: TokenizerManager, input_ids: list[int], params: SamplingParams, where: str
+    tm: TokenizerManager,
+    input_ids: list[int],
+    params: SamplingParams,
+    where: str,
+    prompt_param: str = "prompt",
+    names: dict[str, str] | None = None,
 ) -> None:
+    """400 naming the field; a prompt (or prompt + max_tokens) beyond the context has code
+    `context_length_exceeded` and `prompt_param` as its param (OpenAI's chat says messages)."""
     try:
         tm.validate(input_ids, params)
+    except ContextLengthError as e:
+        raise APIError(400, f"{where}{e}", prompt_param, code="context_length_exceeded") from None
     except ValueError as e:
-        raise APIError(400, f"{where}{e}") from None
+        param = _route_param(e, "", names)
+        if param == "prompt":
+            param = prompt_param
+        raise APIError(400, f"{where}{e}", param) from None
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -108,49 +151,54 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
-async def gather_outputs(gen: AsyncIterator[Any]) -> list[Any]:
-    """Every report of one request, in order (raises what the generator raises)."""
+def _as_api_error(e: Exception) -> APIError:
+    if isinstance(e, RequestFailedError):
+        return APIError(e.status, e.message)
+    return APIError(503, str(e))  # SchedulerDiedError
+
+
+async def gather_outputs(tm: TokenizerManager, state: RequestState) -> list[SeqOutput]:
+    """Every report of one submitted request, in order (APIError if it failed)."""
     try:
-        return [item async for item in gen]
-    except SchedulerDiedError as e:
-        raise APIError(503, str(e)) from None
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
+        return [item async for item in tm.outputs(state)]
+    except (RequestFailedError, SchedulerDiedError) as e:
+        raise _as_api_error(e) from None
 
 
 async def merge_streams(
-    tm: TokenizerManager, reqs: list[TokenizedGenerateReqInput]
-) -> AsyncIterator[tuple[int, Any]]:
-    """Streams several requests; yields (request index, SeqOutput) as reports arrive. A
-    refused request raises APIError (400, or 503 when the scheduler is gone); leaving early
-    aborts every request still running."""
+    tm: TokenizerManager, states: list[RequestState]
+) -> AsyncIterator[tuple[int, SeqOutput]]:
+    """Streams several submitted requests; yields (request index, SeqOutput) as reports
+    arrive. A failed request raises APIError; leaving early aborts every request still
+    running."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(k: int, req: TokenizedGenerateReqInput) -> None:
+    async def pump(k: int, state: RequestState) -> None:
         try:
-            async for out in tm.generate(dataclasses.replace(req, stream=True)):
+            async for out in tm.outputs(state):
                 await queue.put((k, out))
-        except (ValueError, SchedulerDiedError) as e:
+        except (RequestFailedError, SchedulerDiedError) as e:
             await queue.put((k, e))
         finally:
             await queue.put((k, None))
 
-    tasks = [asyncio.ensure_future(pump(k, req)) for k, req in enumerate(reqs)]
+    tasks = [asyncio.ensure_future(pump(k, state)) for k, state in enumerate(states)]
     running = len(tasks)
     try:
         while running:
             k, out = await queue.get()
             if out is None:
                 running -= 1
-            elif isinstance(out, SchedulerDiedError):
-                raise APIError(503, str(out))
-            elif isinstance(out, ValueError):
-                raise APIError(400, str(out))
+            elif isinstance(out, Exception):
+                raise _as_api_error(out)
             else:
                 yield k, out
     finally:
         for task in tasks:
             task.cancel()
+        for state in states:
+            if not state.ended:
+                tm.abort(state.rid)  # its pump may not have started: abort it here
 
 
 def sse(payload: Any) -> str:

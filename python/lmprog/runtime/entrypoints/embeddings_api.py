@@ -16,10 +16,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from lmprog.runtime.entrypoints.common import (
-    admit,
     check_model,
     gather_outputs,
     require_kind,
+    submit,
     tm_of,
     until_disconnect,
     validate,
@@ -27,14 +27,16 @@ from lmprog.runtime.entrypoints.common import (
 from lmprog.runtime.entrypoints.errors import APIError
 from lmprog.runtime.entrypoints.openai_protocol import EmbeddingRequest
 from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
+from lmprog.runtime.managers.tokenizer_manager import RequestState
 from lmprog.runtime.managers.validation import truncate_prompt
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 router = APIRouter()
 
 
-def _inputs(raw: Any, tokenizer: Any, field: str) -> tuple[list[list[int]], bool]:
-    """(token ids per input, is_batch) from a string, strings, token ids or lists of them."""
+async def _inputs(raw: Any, tm: Any, field: str) -> tuple[list[list[int]], bool]:
+    """(token ids per input, is_batch) from a string, strings, token ids or lists of them;
+    texts are tokenized off the event loop (inputs may be truncated later: no length bound)."""
     single = isinstance(raw, str) or (
         isinstance(raw, list) and bool(raw) and all(isinstance(t, int) for t in raw)
     )
@@ -46,7 +48,7 @@ def _inputs(raw: Any, tokenizer: Any, field: str) -> tuple[list[list[int]], bool
         if isinstance(item, str):
             if not item:
                 raise APIError(400, f"{field}[{i}] is an empty string", field)
-            ids.append(tokenizer.encode(item))
+            ids.append(await tm.tokenize(item, within_context=False))
         elif isinstance(item, list) and item and all(isinstance(t, int) for t in item):
             ids.append(list(item))
         else:
@@ -66,22 +68,22 @@ async def _embed(request: Request, ids: list[list[int]], rid: str) -> list[list[
     params = SamplingParams(max_tokens=1)
     batch = len(ids) > 1
     for i, x in enumerate(ids):
-        validate(tm, x, params, f"input {i}: " if batch else "")
-    admit(tm, len(ids))
+        validate(tm, x, params, f"input {i}: " if batch else "", "input")
     reqs = [
         TokenizedGenerateReqInput(f"{rid}-{k}", x, params, prefill_only=True)
         for k, x in enumerate(ids)
     ]
+    states = submit(tm, reqs)
 
-    async def one(req: TokenizedGenerateReqInput) -> list[float]:
-        outs = await gather_outputs(tm.generate(req))
+    async def one(state: RequestState) -> list[float]:
+        outs = await gather_outputs(tm, state)
         last = outs[-1]
         if last.embedding is None:  # aborted
             raise APIError(400, last.finish_reason.message or "the request was aborted")
         return last.embedding
 
     async def run_all() -> list[list[float]]:
-        return await asyncio.gather(*(one(r) for r in reqs))
+        return await asyncio.gather(*(one(st) for st in states))
 
     return await until_disconnect(request, run_all())
 
@@ -111,7 +113,7 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> dict:
             f"got {req.dimensions}",
             "dimensions",
         )
-    ids, _ = _inputs(req.input, tm_of(request).tokenizer, "input")
+    ids, _ = await _inputs(req.input, tm_of(request), "input")
     ids = _truncate(ids, req.truncate_prompt_tokens)
     vectors = await _embed(request, ids, f"embd-{uuid.uuid4().hex}")
     data = []
@@ -140,7 +142,7 @@ async def encode(request: Request) -> Any:
     if field not in body:
         raise APIError(400, "give text or input_ids", "text")
     tm = tm_of(request)
-    ids, batch = _inputs(body[field], tm.tokenizer, field)
+    ids, batch = await _inputs(body[field], tm, field)
     ids = _truncate(ids, body.get("truncate_prompt_tokens"))
     rid = f"encode-{uuid.uuid4().hex}"
     vectors = await _embed(request, ids, rid)

@@ -100,7 +100,8 @@ class _Guard:
             given = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
             if not hmac.compare_digest(given, self.key):
                 why = "wrong" if given else "missing"
-                response = error_response(401, f"{why} API key: send 'Authorization: Bearer KEY'")
+                message = f"{why} API key: send 'Authorization: Bearer KEY'"
+                response = error_response(401, message, code="invalid_api_key")
                 return await response(scope, receive, send)
         declared = headers.get(b"content-length")
         if declared is not None and int(declared) > self.limit:

@@ -16,18 +16,20 @@ from lmprog.runtime.entrypoints.common import (
     SAMPLING_FIELDS,
     SSE_DONE,
     SSE_HEADERS,
-    admit,
     gather_outputs,
     make_sampling_params,
     merge_streams,
     require_kind,
     sse,
+    submit,
     tm_of,
+    tokenize_prompt,
     until_disconnect,
     validate,
 )
-from lmprog.runtime.entrypoints.errors import APIError, error_payload
+from lmprog.runtime.entrypoints.errors import APIError, api_error_payload
 from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
+from lmprog.runtime.managers.tokenizer_manager import RequestFailedError, SchedulerDiedError
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -85,11 +87,11 @@ async def health_generate(request: Request) -> JSONResponse:
     probe = TokenizedGenerateReqInput(tm.new_rid(), [token], params, prefill_only=embedding)
 
     async def one() -> list:
-        return await gather_outputs(tm.generate(probe))
+        return [out async for out in tm.generate(probe)]
 
     try:
         await asyncio.wait_for(one(), HEALTH_GENERATE_TIMEOUT)
-    except (TimeoutError, APIError) as e:
+    except (TimeoutError, RequestFailedError, SchedulerDiedError) as e:
         return JSONResponse({"status": f"unhealthy: {e or 'timed out'}"}, 503)
     return JSONResponse({"status": "ok"})
 
@@ -115,13 +117,22 @@ async def get_model_info(request: Request) -> dict:
 
 @router.get("/get_server_info")
 async def get_server_info(request: Request) -> dict:
-    info = await tm_of(request).get_server_info()
-    args = request.app.state.args
+    tm = tm_of(request)
+    info = await tm.get_server_info()
+    args, kv = request.app.state.args, info.kv
     return {
         "server_args": {k: v for k, v in vars(args).items() if k != "api_key"},
-        "kv_cache": info.kv,
+        "kv_cache": kv,
         "scheduler": info.stats,
         "max_total_tokens": request.app.state.model_info.max_total_tokens,
+        "sequences_in_flight": tm.sequences_in_flight,
+        # SGLang's names for the same figures, for its clients and tools.
+        "max_total_num_tokens": kv["total"],
+        "available_size": kv["free"],
+        "evictable_size": kv["evictable"],
+        "protected_size": kv["protected"],
+        "req_pool_size": args.max_running_requests,
+        "req_pool_free": kv["free_request_slots"],
     }
 
 
@@ -136,11 +147,20 @@ async def flush_cache(request: Request) -> JSONResponse:
 
 @router.post("/abort_request")
 async def abort_request(request: Request) -> dict:
+    """Aborts one request by `rid`, or every request in flight with `abort_all: true` or an
+    empty `rid` (SGLang's semantics)."""
     body = await request.json()
-    rid = body.get("rid") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object with rid or abort_all")
+    rid, abort_all = body.get("rid"), body.get("abort_all", False)
+    if not isinstance(abort_all, bool):
+        raise APIError(400, f"abort_all must be a bool, got {abort_all!r}", "abort_all")
+    tm = tm_of(request)
+    if abort_all or rid == "":
+        return {"success": True, "aborted": tm.abort_all()}
     if not isinstance(rid, str):
-        raise APIError(400, "rid must be the request id (a string)", "rid")
-    return {"success": await tm_of(request).abort(rid)}
+        raise APIError(400, "rid must be the request id (a string), or give abort_all", "rid")
+    return {"success": tm.abort(rid)}
 
 
 @router.post("/tokenize")
@@ -150,7 +170,7 @@ async def tokenize(request: Request) -> dict:
     if not isinstance(text, str):
         raise APIError(400, "text must be a string", "text")
     add_special = bool(body.get("add_special_tokens", True))
-    ids = tm_of(request).tokenizer.encode(text, add_special_tokens=add_special)
+    ids = await tm_of(request).tokenize(text, add_special, within_context=False)
     return {
         "tokens": ids,
         "count": len(ids),
@@ -168,7 +188,7 @@ async def detokenize(request: Request) -> dict:
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
-    return {"text": tm_of(request).tokenizer.decode(ids)}
+    return {"text": await asyncio.to_thread(tm_of(request).tokenizer.decode, ids)}
 
 
 # ---- generate -------------------------------------------------------------------------------
@@ -199,10 +219,11 @@ class _LogprobRequest:
         )
 
 
-def _parse_generate(
-    body: Any, tokenizer: Any, new_rid: Any
-) -> tuple[list[TokenizedGenerateReqInput], bool, _LogprobRequest]:
-    """(requests, is_batch, what logprobs it asks for) from a /generate body."""
+async def _parse_generate(
+    body: Any, tm: Any
+) -> tuple[list[TokenizedGenerateReqInput], bool, _LogprobRequest, dict[str, str]]:
+    """(requests, is_batch, what logprobs it asks for, field names as the body gave them)
+    from a /generate body; texts are tokenized off the event loop."""
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
     text = body.get("text", body.get("prompt"))
@@ -214,7 +235,7 @@ def _parse_generate(
         texts = text if batch else [text]
         if not texts or not all(isinstance(t, str) for t in texts):
             raise APIError(400, "text must be a string or a non-empty list of strings", "text")
-        ids = [tokenizer.encode(t) for t in texts]
+        ids = [await tokenize_prompt(tm, t, "text") for t in texts]
     else:
         batch = bool(input_ids) and isinstance(input_ids[0], list)
         ids = input_ids if batch else [input_ids]
@@ -238,13 +259,13 @@ def _parse_generate(
             "sampling_params",
         )
     lp = _LogprobRequest.parse(body)
-    rids = [new_rid() for _ in ids]
-    if body.get("rid") is not None and not batch:
-        rids = [str(body["rid"])]
+    rids = _request_ids(body.get("rid"), len(ids), batch, tm.new_rid)
+    given: dict[str, str] = {}  # SamplingParams' name -> the body's (max_new_tokens, ...)
     reqs = []
     for p_ids, p_text, sp, rid in zip(ids, texts, per_prompt, rids):
         if not isinstance(sp, dict):
             raise APIError(400, "sampling_params must be an object", "sampling_params")
+        given |= {NATIVE_ALIASES[k]: k for k in {**flat, **sp} if k in NATIVE_ALIASES}
         values = {NATIVE_ALIASES.get(k, k): v for k, v in {**flat, **sp}.items()}
         if lp.wanted:
             values.setdefault("logprobs", lp.top)
@@ -253,7 +274,7 @@ def _parse_generate(
         prefill_only = values.get("max_tokens") == 0
         if prefill_only:
             values |= {"max_tokens": 1, "n": 1}
-        params = make_sampling_params(values, "sampling_params.")
+        params = make_sampling_params(values, "sampling_params." if sp else "", given)
         reqs.append(
             TokenizedGenerateReqInput(
                 rid,
@@ -264,37 +285,61 @@ def _parse_generate(
                 logprob_start_len=max(lp.start, 0),
             )
         )
-    return reqs, batch, lp
+    return reqs, batch, lp, given
 
 
-def _logprob_meta(
-    req: TokenizedGenerateReqInput, seq: SeqResult, lp: _LogprobRequest, tokenizer: Any
-) -> dict:
-    """SGLang's logprob fields: [logprob, token id, text or None] per position, and per
-    position the top-k as such triples (None at prompt position 0)."""
+def _request_ids(rid: Any, count: int, batch: bool, new_rid: Any) -> list[str]:
+    """The client's request ids (a string, or a list for a batch, as SGLang takes them), or
+    new ones."""
+    if rid is None:
+        return [new_rid() for _ in range(count)]
+    rids = rid if isinstance(rid, list) else [rid]
+    if (not batch and isinstance(rid, list)) or len(rids) != count:
+        raise APIError(400, f"rid must give one id per prompt ({count}), got {rid!r}", "rid")
+    if not all(isinstance(r, str) and r for r in rids):
+        raise APIError(
+            400, f"rid must be a non-empty string (or a list of them), got {rid!r}", "rid"
+        )
+    return rids
 
-    def triple(tid: int, value: float | None) -> list:
-        return [value, tid, tokenizer.decode([tid]) if lp.with_text else None]
 
-    def tops(top: dict[int, float]) -> list:
-        return [triple(k, v) for k, v in top.items()]
+class _LogprobMeta:
+    """One sequence's SGLang logprob fields, grown as its reports arrive: each token's text is
+    decoded once (a stream re-sends the fields with every event)."""
 
-    prompt = req.input_ids[min(lp.start, len(req.input_ids)) :] if lp.start >= 0 else []
-    scored = list(zip(prompt, seq.input_logprobs))
-    return {
-        "input_token_logprobs": [triple(t, v) for t, (v, _) in scored],
-        "input_top_logprobs": [None if v is None else tops(top) for _, (v, top) in scored],
-        "output_token_logprobs": [triple(t, v) for t, (v, _) in zip(seq.token_ids, seq.logprobs)],
-        "output_top_logprobs": [tops(top) for _, top in seq.logprobs],
-    }
+    def __init__(self, req: TokenizedGenerateReqInput, lp: _LogprobRequest, tokenizer: Any):
+        self.lp, self.tokenizer = lp, tokenizer
+        self.prompt = req.input_ids[min(lp.start, len(req.input_ids)) :] if lp.start >= 0 else []
+        self.fields: dict[str, list] = {
+            "input_token_logprobs": [],
+            "input_top_logprobs": [],
+            "output_token_logprobs": [],
+            "output_top_logprobs": [],
+        }
+
+    def _triple(self, tid: int, value: float | None) -> list:
+        return [value, tid, self.tokenizer.decode([tid]) if self.lp.with_text else None]
+
+    def _tops(self, top: dict[int, float]) -> list:
+        return [self._triple(k, v) for k, v in top.items()]
+
+    def add(self, out: SeqOutput) -> None:
+        f = self.fields
+        for tid, (value, top) in zip(
+            self.prompt[len(f["input_token_logprobs"]) :], out.input_logprobs or []
+        ):
+            f["input_token_logprobs"].append(self._triple(tid, value))
+            f["input_top_logprobs"].append(None if value is None else self._tops(top))
+        for tid, (value, top) in zip(out.token_ids, out.logprobs or []):
+            f["output_token_logprobs"].append(self._triple(tid, value))
+            f["output_top_logprobs"].append(self._tops(top))
 
 
 def _item(
     req: TokenizedGenerateReqInput,
     seq: SeqResult,
     start: float,
-    lp: _LogprobRequest,
-    tokenizer: Any,
+    meta_lp: _LogprobMeta | None,
 ) -> dict:
     last = seq.last
     meta = {
@@ -306,8 +351,8 @@ def _item(
         "finish_reason": finish_reason_json(last),
         "e2e_latency": time.perf_counter() - start,
     }
-    if lp.wanted:
-        meta |= _logprob_meta(req, seq, lp, tokenizer)
+    if meta_lp is not None:
+        meta |= meta_lp.fields
     return {"text": seq.text, "output_ids": seq.token_ids, "meta_info": meta}
 
 
@@ -316,26 +361,38 @@ async def generate(request: Request) -> Any:
     require_kind(request, embedding=False)
     tm = tm_of(request)
     body = await request.json()
-    reqs, batch, lp = _parse_generate(body, tm.tokenizer, tm.new_rid)
+    reqs, batch, lp, given = await _parse_generate(body, tm)
+    prompt_param = "text" if body.get("input_ids") is None else "input_ids"
     for i, r in enumerate(reqs):
-        validate(tm, r.input_ids, r.sampling_params, f"prompt {i}: " if batch else "")
-    admit(tm, len(reqs))
+        where = f"prompt {i}: " if batch else ""
+        validate(tm, r.input_ids, r.sampling_params, where, prompt_param, given)
+    stream = bool(body.get("stream"))
+    states = submit(tm, reqs, stream=stream)
     start = time.perf_counter()
-    if body.get("stream"):
+
+    def logprob_meta(req: TokenizedGenerateReqInput) -> _LogprobMeta | None:
+        return _LogprobMeta(req, lp, tm.tokenizer) if lp.wanted else None
+
+    if stream:
         return StreamingResponse(
-            _stream(tm, reqs, start, lp), media_type="text/event-stream", headers=SSE_HEADERS
+            _stream(tm, reqs, states, start, logprob_meta),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
         )
 
-    async def run_one(req: TokenizedGenerateReqInput) -> list[dict]:
-        outs = await gather_outputs(tm.generate(req))
+    async def run_one(req: TokenizedGenerateReqInput, state: Any) -> list[dict]:
+        outs = await gather_outputs(tm, state)
         n = 1 if req.prefill_only else req.sampling_params.n
-        seqs = {i: SeqResult(i) for i in range(n)}
+        seqs = {i: (SeqResult(i), logprob_meta(req)) for i in range(n)}
         for out in outs:
-            seqs[out.index].add(out)
-        return [_item(req, s, start, lp, tm.tokenizer) for s in seqs.values()]
+            seq, meta = seqs[out.index]
+            seq.add(out)
+            if meta is not None:
+                meta.add(out)
+        return [_item(req, seq, start, meta) for seq, meta in seqs.values()]
 
     async def run_all() -> list[list[dict]]:
-        return await asyncio.gather(*(run_one(r) for r in reqs))
+        return await asyncio.gather(*(run_one(r, st) for r, st in zip(reqs, states)))
 
     results = await until_disconnect(request, run_all())
     flat = [item for per_prompt in results for item in per_prompt]
@@ -343,15 +400,24 @@ async def generate(request: Request) -> Any:
 
 
 async def _stream(
-    tm: Any, reqs: list[TokenizedGenerateReqInput], start: float, lp: _LogprobRequest
+    tm: Any,
+    reqs: list[TokenizedGenerateReqInput],
+    states: list[Any],
+    start: float,
+    logprob_meta: Any,
 ) -> AsyncIterator[str]:
     """SSE: each chunk carries one sequence's text so far (SGLang's shape), then [DONE]."""
-    seqs: dict[tuple[int, int], SeqResult] = {}
+    seqs: dict[tuple[int, int], tuple[SeqResult, _LogprobMeta | None]] = {}
     try:
-        async for k, out in merge_streams(tm, reqs):
-            seq = seqs.setdefault((k, out.index), SeqResult(out.index))
+        async for k, out in merge_streams(tm, states):
+            key = (k, out.index)
+            if key not in seqs:
+                seqs[key] = (SeqResult(out.index), logprob_meta(reqs[k]))
+            seq, meta = seqs[key]
             seq.add(out)
-            yield sse(_item(reqs[k], seq, start, lp, tm.tokenizer))
+            if meta is not None:
+                meta.add(out)
+            yield sse(_item(reqs[k], seq, start, meta))
     except APIError as e:  # the stream has begun: the error is its last event
-        yield sse(error_payload(e.message, e.status))
+        yield sse(api_error_payload(e))
     yield SSE_DONE

@@ -14,21 +14,24 @@ from fastapi.responses import StreamingResponse
 from lmprog.runtime.entrypoints.common import (
     SSE_DONE,
     SSE_HEADERS,
-    admit,
     check_model,
     gather_outputs,
     make_sampling_params,
     merge_streams,
     require_kind,
     sse,
+    submit,
     tm_of,
+    tokenize_prompt,
     until_disconnect,
     validate,
 )
-from lmprog.runtime.entrypoints.errors import APIError, error_payload
+from lmprog.runtime.entrypoints.errors import APIError, api_error_payload
 from lmprog.runtime.entrypoints.native_api import SeqResult
 from lmprog.runtime.entrypoints.openai_protocol import ChatCompletionRequest, CompletionRequest
 from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
+from lmprog.runtime.managers.tokenizer_manager import RequestState
+from lmprog.runtime.managers.validation import ContextLengthError
 
 router = APIRouter(prefix="/v1")
 
@@ -68,16 +71,20 @@ async def models(request: Request) -> dict:
 
 
 # ---- completions ----------------------------------------------------------------------------
-def _completion_prompts(req: CompletionRequest, tokenizer: Any) -> list[tuple[list[int], str]]:
+async def _completion_prompts(
+    req: CompletionRequest, tm: Any
+) -> list[tuple[list[int], str | None]]:
+    """(token ids, text) per prompt; the text of token-id prompts is None until they are
+    validated (an id outside the vocabulary cannot be decoded)."""
     p = req.prompt
     if isinstance(p, str):
-        return [(tokenizer.encode(p), p)]
+        return [(await tokenize_prompt(tm, p), p)]
     if p and all(isinstance(x, int) for x in p):
-        return [(list(p), tokenizer.decode(p))]
+        return [(list(p), None)]
     if p and all(isinstance(x, str) for x in p):
-        return [(tokenizer.encode(x), x) for x in p]
+        return [(await tokenize_prompt(tm, x), x) for x in p]
     if p and all(isinstance(x, list) for x in p):
-        return [(list(x), tokenizer.decode(x)) for x in p]
+        return [(list(x), None) for x in p]
     raise APIError(
         400,
         "prompt must be a string, a list of strings, token ids, or lists of token ids",
@@ -109,14 +116,28 @@ def _completion_logprobs(
     }
 
 
-def _completion_requests(
+async def _completion_requests(
     req: CompletionRequest, tm: Any, rid: str
 ) -> list[TokenizedGenerateReqInput]:
     """One request per prompt. `max_tokens: 0` only computes (and caches) the prompt, which
     with echo and logprobs scores it; echo with logprobs asks for prompt logprobs."""
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise APIError(
+            400,
+            f"best_of {req.best_of} is not supported: it may only equal n ({req.n or 1}); "
+            "ask for n completions and rank them yourself",
+            "best_of",
+        )
     values = req.sampling_values() | {"logprobs": req.logprobs}
     prefill_only = req.max_tokens == 0
     if prefill_only:
+        if not req.echo:
+            raise APIError(
+                400,
+                "max_tokens 0 generates nothing: it is only meaningful with echo (scoring the "
+                "prompt); give max_tokens >= 1",
+                "max_tokens",
+            )
         if req.n not in (None, 1):
             raise APIError(
                 400, f"max_tokens 0 computes the prompt only; n must be 1, got {req.n}", "n"
@@ -125,12 +146,16 @@ def _completion_requests(
     if req.echo and req.logprobs is not None:
         values["prompt_logprobs"] = req.logprobs
     params = make_sampling_params(values)
-    prompts = _completion_prompts(req, tm.tokenizer)
+    prompts = await _completion_prompts(req, tm)
     for i, (ids, _) in enumerate(prompts):
         validate(tm, ids, params, f"prompt {i}: " if len(prompts) > 1 else "")
+    texts = [
+        text if text is not None else await asyncio.to_thread(tm.tokenizer.decode, ids)
+        for ids, text in prompts
+    ]
     return [
         TokenizedGenerateReqInput(f"{rid}-{k}", ids, params, text, prefill_only=prefill_only)
-        for k, (ids, text) in enumerate(prompts)
+        for k, ((ids, _), text) in enumerate(zip(prompts, texts))
     ]
 
 
@@ -145,23 +170,23 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     require_kind(request, embedding=False)
     tm = tm_of(request)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    gens = _completion_requests(req, tm, rid)
-    admit(tm, len(gens))
+    gens = await _completion_requests(req, tm, rid)
+    states = submit(tm, gens, stream=req.stream)
     n = 1 if gens[0].prefill_only else gens[0].sampling_params.n
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse_response(_stream_completion(tm, gens, n, head, req, include_usage))
+        return _sse_response(_stream_completion(tm, gens, states, n, head, req, include_usage))
 
-    async def run_one(gen: TokenizedGenerateReqInput) -> list[SeqResult]:
-        outs = await gather_outputs(tm.generate(gen))
+    async def run_one(state: RequestState) -> list[SeqResult]:
+        outs = await gather_outputs(tm, state)
         seqs = [SeqResult(j) for j in range(n)]
         for out in outs:
             seqs[out.index].add(out)
         return seqs
 
     async def run_all() -> list[list[SeqResult]]:
-        return await asyncio.gather(*(run_one(g) for g in gens))
+        return await asyncio.gather(*(run_one(st) for st in states))
 
     results = await until_disconnect(request, run_all())
     choices, prompt_tokens, cached = [], 0, 0
@@ -188,6 +213,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
 async def _stream_completion(
     tm: Any,
     gens: list[TokenizedGenerateReqInput],
+    states: list[RequestState],
     n: int,
     head: dict,
     req: CompletionRequest,
@@ -196,7 +222,7 @@ async def _stream_completion(
     seqs: dict[int, SeqResult] = {}
     sent: dict[int, int] = {}  # characters of text streamed per choice
     prompt_tokens, cached = 0, 0
-    async for i, out in merge_streams(tm, gens):
+    async for i, out in merge_streams(tm, states):
         idx = i * n + out.index
         seq = seqs.setdefault(idx, SeqResult(idx))
         first = not seq.last
@@ -227,14 +253,15 @@ def _sse_response(gen: AsyncIterator[str]) -> StreamingResponse:
             async for chunk in gen:
                 yield chunk
         except APIError as e:
-            yield sse(error_payload(e.message, e.status))
+            yield sse(api_error_payload(e))
             yield SSE_DONE
 
     return StreamingResponse(guarded(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 # ---- chat -----------------------------------------------------------------------------------
-def _chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
+def _chat_text(req: ChatCompletionRequest, tokenizer: Any) -> str:
+    """The conversation rendered by the model's chat template, ready for the reply."""
     messages = []
     for i, m in enumerate(req.messages):
         content = m.content
@@ -245,15 +272,26 @@ def _chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
                     raise APIError(
                         400,
                         f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}",
-                        f"messages.{i}.content",
+                        f"messages.[{i}].content",
                     )
                 texts.append(part["text"])
             content = "".join(texts)
         messages.append({"role": m.role, "content": content or ""})
     if not messages:
         raise APIError(400, "messages must not be empty", "messages")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+async def _chat_prompt(req: ChatCompletionRequest, tm: Any) -> list[int]:
+    """Token ids of the conversation, rendered and tokenized off the event loop."""
+    try:
+        tm.check_length_bound(
+            "".join(m.content for m in req.messages if isinstance(m.content, str))
+        )
+    except ContextLengthError as e:
+        raise APIError(400, str(e), "messages", code="context_length_exceeded") from None
+    text = await asyncio.to_thread(_chat_text, req, tm.tokenizer)
+    return await tm.tokenize(text, add_special_tokens=False, within_context=False)
 
 
 def _chat_logprobs(seq_ids: list[int], logprobs: list, tokenizer: Any) -> dict:
@@ -280,23 +318,24 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     require_kind(request, embedding=False)
     tm = tm_of(request)
     values = req.sampling_values()
+    max_tokens_name = "max_tokens"
     if req.max_completion_tokens is not None:
         values["max_tokens"] = req.max_completion_tokens
+        max_tokens_name = "max_completion_tokens"
     if req.logprobs:
         values["logprobs"] = req.top_logprobs or 0
     elif req.top_logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    params = make_sampling_params(values)
-    ids = _chat_prompt(req, tm.tokenizer)
-    validate(tm, ids, params, "")
-    admit(tm, 1)
+    params = make_sampling_params(values, names={"max_tokens": max_tokens_name})
+    ids = await _chat_prompt(req, tm)
+    validate(tm, ids, params, "", "messages", names={"max_tokens": max_tokens_name})
     rid = f"chatcmpl-{uuid.uuid4().hex}"
+    (state,) = submit(tm, [TokenizedGenerateReqInput(rid, ids, params)], stream=req.stream)
     head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse_response(_stream_chat(tm, ids, params, rid, head, req, include_usage))
-    gen = TokenizedGenerateReqInput(rid, ids, params)
-    outs = await until_disconnect(request, gather_outputs(tm.generate(gen)))
+        return _sse_response(_stream_chat(tm, state, ids, params, head, req, include_usage))
+    outs = await until_disconnect(request, gather_outputs(tm, state))
     seqs = [SeqResult(j) for j in range(params.n)]
     for out in outs:
         seqs[out.index].add(out)
@@ -317,9 +356,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
 
 async def _stream_chat(
     tm: Any,
+    state: RequestState,
     ids: list[int],
     params: Any,
-    rid: str,
     head: dict,
     req: ChatCompletionRequest,
     include_usage: bool,
@@ -335,7 +374,7 @@ async def _stream_chat(
             "finish_reason": None,
         }
         yield sse(head | {"choices": [role]})
-    async for _, out in merge_streams(tm, [TokenizedGenerateReqInput(rid, ids, params)]):
+    async for _, out in merge_streams(tm, [state]):
         seq = seqs.setdefault(out.index, SeqResult(out.index))
         before = len(seq.logprobs)
         seq.add(out)

@@ -37,6 +37,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Beyond OpenAI (vLLM's extras)
@@ -91,6 +92,7 @@ class _Sampling(BaseModel):
             "seed",
             "presence_penalty",
             "frequency_penalty",
+            "logit_bias",
             "top_k",
             "min_p",
             "repetition_penalty",
@@ -108,6 +110,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
     echo: bool = False
     max_tokens: int | None = 16
+    best_of: int | None = None  # only as n (vLLM V1): no server-side ranking of samples
 
 
 class ChatMessage(BaseModel):

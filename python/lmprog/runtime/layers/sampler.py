@@ -4,7 +4,7 @@ One call per decode step:
 
     raw logits [B, V] ──► logprobs (log_softmax of the raw logits, when any row asks)
         │
-        ├─► penalties ─► min_tokens mask (EOS / stop ids = -inf)
+        ├─► logit_bias ─► penalties ─► min_tokens mask (EOS / stop ids = -inf)
         │       ├─► greedy rows:  argmax
         │       ├─► plain rows:   logits / T, sampled from the full distribution
         │       └─► truncated rows: logits / T, top_k ─► top_p ─► min_p, then sampled
@@ -166,11 +166,19 @@ def _real_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def _penalised(raw: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-    """The logits the tokens are picked from: raw, plus penalties and the min_tokens mask
-    (applied to a copy, so the raw logits still serve logprobs)."""
-    if not (info.need_penalties or info.need_min_tokens_mask):
+    """The logits the tokens are picked from: raw, plus logit_bias, penalties and the
+    min_tokens mask, in that order (vLLM v1's; OpenAI only says the bias is added before
+    sampling). All are applied to a copy, so logprobs still come from the raw logits (vLLM's
+    default raw_logprobs too): like a penalty, a bias changes which token is picked, not the
+    model's probabilities reported for it."""
+    if not (info.need_logit_bias or info.need_penalties or info.need_min_tokens_mask):
         return raw
     logits = raw.clone(memory_format=torch.contiguous_format)
+    if info.logit_bias_rows is not None:
+        # One scatter for the whole batch; a row lists each id once (a dict), and a cell
+        # already at -inf (a grammar's mask) stays -inf whatever the bias.
+        cells = (info.logit_bias_rows, info.logit_bias_ids)
+        logits.index_put_(cells, info.logit_bias_values, accumulate=True)
     if info.penalties is not None:
         apply_penalties_(logits, info.penalties)
     if info.min_tokens_rows is not None:

@@ -24,16 +24,25 @@ IDLE_WAIT_S = 0.05  # how long an idle step waits for a compile before returning
 
 
 class GrammarManager:
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: Iterable[int],
+        cache_size: int = 256,
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
+        self.cache_size = cache_size
         self._backend: GrammarBackend | None = None  # built on first use (~0.5 s)
 
     @property
     def backend(self) -> GrammarBackend:
         if self._backend is None:
-            self._backend = GrammarBackend(self.tokenizer, self.vocab_size, self.stop_token_ids)
+            self._backend = GrammarBackend(
+                self.tokenizer, self.vocab_size, self.stop_token_ids, self.cache_size
+            )
         return self._backend
 
     def check(self, params: Any) -> None:

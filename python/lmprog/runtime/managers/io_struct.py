@@ -34,14 +34,23 @@ class TokenizedGenerateReqInput:
 class FinishReason:
     """Why a sequence ended: 'stop' (EOS, a stop token or a stop string: `matched`; or its
     grammar completed), 'length' (max_tokens or the context), 'abort' (with `message`), or
-    'error': refused after it was queued (its grammar does not compile; with `message`)."""
+    'error' (with `message`): refused after it was queued (its grammar does not compile), or,
+    with `internal`, failed by a fault of the engine while it ran (the server answers 500 and
+    keeps serving the other requests)."""
 
     kind: str
     matched: int | str | None = None
     message: str | None = None
+    internal: bool = False
 
     def __post_init__(self) -> None:
         assert self.kind in ("stop", "length", "abort", "error"), self.kind
+
+
+def internal_error(error: BaseException) -> FinishReason:
+    """How a sequence ends when the engine fails while running it."""
+    message = f"internal error while running the request: {type(error).__name__}: {error}"
+    return FinishReason("error", message=message, internal=True)
 
 
 @dataclass
@@ -72,10 +81,12 @@ class ServerInfo:
 
 @dataclass
 class RequestError:
-    """The scheduler refused a request (a validation error the API process could not see)."""
+    """The scheduler refused a request (a validation error the API process could not see:
+    status 400) or failed it (an internal error while it ran: status 500)."""
 
     rid: str
     message: str
+    status: int = 400
 
 
 @dataclass

@@ -40,17 +40,11 @@ def kv_need(prompt_len: int, cached_len: int, n: int, max_new_tokens: int, page_
     return (prompt_len - cached_len + slack) + n * (max_new_tokens + slack) + (n - 1) * slack
 
 
-def num_seqs(req: Req) -> int:
-    """Sequences `req` becomes when its prefill completes: `n` on its first prefill, else 1 (a
-    retracted continuation resumes alone)."""
-    return req.sampling_params.n if not req.output_ids else 1
-
-
 def estimated_need(req: Req, cached_len: int, ratio: float, page_size: int) -> int:
     """KV slots to set aside for `req` from now on: its uncached tokens and the estimate of
     what its sequences will generate."""
     expected = math.ceil(ratio * min(req.remaining_new_tokens, CLIP_MAX_NEW_TOKENS))
-    return kv_need(len(req.fill_ids), cached_len, num_seqs(req), expected, page_size)
+    return kv_need(len(req.fill_ids), cached_len, req.family, expected, page_size)
 
 
 def running_reserve(reqs: list[Req], ratio: float, page_size: int) -> int:
@@ -97,7 +91,7 @@ class PrefillAdder:
         """Considers `req`, whose first `cached_len` tokens are cached. The caller locks that
         prefix if this returns ADMITTED or CHUNKED; `lock_cost` is how much of it is evictable
         now, room that locking takes away."""
-        n = num_seqs(req)
+        n = req.family
         extend = len(req.fill_ids) - cached_len
         need = estimated_need(req, cached_len, self.new_token_ratio, self.page_size) + lock_cost
         if n > self.free_req_slots or need > self.rem_tokens or self.budget <= 0:

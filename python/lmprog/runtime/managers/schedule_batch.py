@@ -50,6 +50,10 @@ class Req:
     eos_token_ids: frozenset[int]
     input_text: str | None = None
     index: int = 0  # which of the n continuations
+    # How many of the request's n sequences this Req reports for: n until its prompt is
+    # prefilled and it forks into n Reqs, then 1 (None: derived). A request that ends before
+    # forking (aborted or failed in its prefill) ends all n at once.
+    family: int | None = None
     output_ids: list[int] = field(default_factory=list)
     req_pool_idx: int | None = None
     prefix_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
@@ -73,6 +77,10 @@ class Req:
     grammar_future: Any = None
     matcher: Matcher | None = None
     jump_forward: bool = False  # append the tokens the grammar forces without sampling them
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = 1 if self.prefill_only else self.sampling_params.n
 
     @property
     def fill_ids(self) -> list[int]:
@@ -165,6 +173,7 @@ class Req:
             eos_token_ids=self.eos_token_ids,
             input_text=self.input_text,
             index=index,
+            family=1,
             num_cached_tokens=self.num_cached_tokens,
             stream=self.stream,
             input_logprob_start=self.input_logprob_start,
@@ -186,6 +195,12 @@ class ScheduledBatch:
     # Extend only: per request, the positions [a, b) whose logits score prompt tokens (their
     # logits rows come first, before the one sampling row per request).
     prompt_rows: list[tuple[int, int]] | None = None
+    # The sequences the step stands for: its requests, and once they forked, their n > 1
+    # sequences (a failed step ends them all).
+    seqs: list[Req] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.seqs = self.seqs or list(self.reqs)
 
 
 def build_forward_batch(

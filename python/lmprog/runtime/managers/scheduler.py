@@ -8,16 +8,21 @@ every running request; new requests join between decode steps (continuous batchi
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import deque
 
 import torch
 
-from lmprog.runtime.layers.sampler import Sampler
+from lmprog.runtime.layers.sampler import Sampler, SamplerOutput
 from lmprog.runtime.managers.detokenizer import OutputText
 from lmprog.runtime.managers.grammar_manager import GrammarManager
-from lmprog.runtime.managers.io_struct import FinishReason, TokenizedGenerateReqInput
+from lmprog.runtime.managers.io_struct import (
+    FinishReason,
+    TokenizedGenerateReqInput,
+    internal_error,
+)
 from lmprog.runtime.managers.kv_accounting import check_integrity, kv_stats
 from lmprog.runtime.managers.prefill_adder import (
     INIT_NEW_TOKEN_RATIO,
@@ -26,7 +31,6 @@ from lmprog.runtime.managers.prefill_adder import (
     AddResult,
     PrefillAdder,
     estimated_need,
-    num_seqs,
     running_reserve,
 )
 from lmprog.runtime.managers.prompt_logprobs import prompt_logits_indices, record_prompt_logprobs
@@ -38,7 +42,11 @@ from lmprog.runtime.managers.schedule_batch import (
 )
 from lmprog.runtime.managers.schedule_policy import prioritize, retraction_order
 from lmprog.runtime.managers.scheduler_stats import SchedulerStats
-from lmprog.runtime.managers.validation import validate_embedding_request, validate_request
+from lmprog.runtime.managers.validation import (
+    RequestLimits,
+    validate_embedding_request,
+    validate_request,
+)
 from lmprog.runtime.mem_cache.base import BasePrefixCache
 from lmprog.runtime.mem_cache.chunk_cache import ChunkCache
 from lmprog.runtime.mem_cache.radix_cache import RadixCache
@@ -50,6 +58,7 @@ from lmprog.runtime.sampling.seeded_random import derive_seed
 from lmprog.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+FAULT_ENV = "LMPROG_FAULT_INJECT_RID"
 _EMPTY = torch.empty(0, dtype=torch.int64)
 
 
@@ -77,7 +86,14 @@ class Scheduler:
         self._failed: list[Req] = []  # failed outside a batch; reported by the next step()
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.stats = SchedulerStats()
-        self.grammars = GrammarManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarManager(
+            self.tokenizer,
+            self.vocab_size,
+            self.eos_token_ids,
+            server_args.grammar_cache_size,
+        )
+        # A test hook: the sequences of requests whose id contains this fail in their step.
+        self._fault_rid = os.environ.get(FAULT_ENV) or None
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -92,22 +108,27 @@ class Scheduler:
         return ids
 
     # ---- requests in ----------------------------------------------------------------------
-    def validate(self, input_ids: list[int], params) -> int:
+    @property
+    def limits(self) -> RequestLimits:
         args = self.server_args
+        return RequestLimits(
+            vocab_size=self.vocab_size,
+            context_len=self.context_len,
+            max_total_tokens=self.model_runner.max_total_tokens,
+            page_size=args.page_size,
+            max_logprobs=args.max_logprobs,
+            max_running_requests=args.max_running_requests,
+        )
+
+    def validate(self, input_ids: list[int], params) -> int:
+        """Checks a request (ValueError naming the field and the limit); returns its max new
+        tokens, max_tokens clipped to the context (the HTTP routes refused longer ones)."""
         if self.is_embedding:
             mr = self.model_runner
             kv_limit = None if mr.is_encoder else mr.max_total_tokens
             validate_embedding_request(input_ids, self.vocab_size, self.context_len, kv_limit)
             return 1
-        return validate_request(
-            input_ids,
-            params,
-            self.vocab_size,
-            self.context_len,
-            self.model_runner.max_total_tokens,
-            args.page_size,
-            args.max_logprobs,
-        )
+        return validate_request(input_ids, params, self.limits)
 
     def add_request(self, recv: TokenizedGenerateReqInput) -> None:
         params = recv.sampling_params
@@ -166,13 +187,23 @@ class Scheduler:
         done += self._failed
         self._failed = []
         if batch is not None:
-            logits = self.model_runner.forward(batch.forward_batch)
-            done += self.process_batch_result(batch, logits)
+            done += self._run_batch(batch)
         else:
             self.grammars.wait_for_one(self.waiting)
         if self.server_args.debug_checks and not self.has_work():
             self.check_integrity()
         return done
+
+    def _run_batch(self, batch: ScheduledBatch) -> list[Req]:
+        """Runs the model on a batch and processes the result. A fault in the batched work
+        (the forward, sampling) fails the batch's sequences; a fault in one sequence's own
+        processing fails that sequence alone (`_advance`). Either way the engine goes on."""
+        try:
+            logits = self.model_runner.forward(batch.forward_batch)
+            return self.process_batch_result(batch, logits)
+        except Exception as e:  # the failure is reported to its requests
+            logger.exception("a %s step of %d sequences failed", batch.mode.name, len(batch.seqs))
+            return self._fail_batch(batch, e)
 
     def schedule(self) -> ScheduledBatch | None:
         """The next batch: a prefill of admitted requests if any, else a decode step of every
@@ -224,6 +255,12 @@ class Scheduler:
             match = matches.get(req) or self.tree_cache.match_prefix(req.match_key)
             lock_cost = self.tree_cache.lock_cost(match.last_node)
             result = adder.try_add(req, match.kv_indices.numel(), lock_cost)
+            if result is AddResult.NO_ROOM and not (adder.reqs or self.active_requests()):
+                # Nothing else holds room, so it never will fit: fail it rather than block
+                # the queue behind it (validation should have refused it).
+                self._refuse_unfittable(req)
+                admitted.add(req)
+                continue
             if result is AddResult.NO_ROOM:
                 break
             if result is AddResult.DEFERRED:
@@ -265,6 +302,18 @@ class Scheduler:
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += tokens
         return ScheduledBatch(ForwardMode.ENCODE, reqs, fb)
+
+    def _refuse_unfittable(self, req: Req) -> None:
+        message = (
+            f"the request can never be admitted: it needs {req.family} request slots and "
+            f"about {estimated_need(req, 0, self.new_token_ratio, self.server_args.page_size)} "
+            f"KV slots with nothing else running; the engine has "
+            f"{self.req_to_token_pool.available_size()} request slots and "
+            f"{self._room()} KV slots"
+        )
+        logger.error("%s (request %s)", message, req.rid)
+        req.finish(FinishReason("error", message=message))
+        self._failed.append(req)
 
     def _admit(self, req: Req, match) -> None:
         req.req_pool_idx = self.req_to_token_pool.alloc()
@@ -389,6 +438,7 @@ class Scheduler:
             logits = record_prompt_logprobs(batch.reqs, batch.prompt_rows, logits)
         if batch.mode.is_extend:
             rows, logits, done = self._after_prefill(batch.reqs, logits)
+            batch.seqs = rows + done  # its forks too: a failure from here on ends them all
             if not rows:
                 return done
         info = SamplingBatchInfo.from_rows(
@@ -406,13 +456,11 @@ class Scheduler:
         out = self.sampler(logits, info)
         next_ids = out.next_token_ids.tolist()
         for i, (req, token) in enumerate(zip(rows, next_ids)):
-            if out.logprobs is not None and req.sampling_params.logprobs is not None:
-                req.record_logprob(*out.row_logprobs(i, req.sampling_params.logprobs))
-            req.append_token(token, self.context_len)
-            if req.jump_forward and not req.finished:
-                forced = self.grammars.jump_forward(req, self.context_len)
-                self.stats.jump_forward_tokens += forced
-                self.stats.generated_tokens += forced
+            try:
+                self._advance(req, token, out, i)
+            except Exception as e:  # this sequence fails; the batch goes on
+                logger.exception("sequence %s/%d failed", req.rid, req.index)
+                req.finish(internal_error(e))
         self.stats.generated_tokens += len(rows)
         for req in rows:
             if req.finished:
@@ -422,6 +470,44 @@ class Scheduler:
         else:
             self.running = [r for r in self.running if not r.finished]
         return done + rows
+
+    def _advance(self, req: Req, token: int, out: SamplerOutput, row: int) -> None:
+        """One sequence's share of a step: its logprobs, its new token (stop checks, grammar,
+        detokenization) and what its grammar forces next."""
+        if self._fault_rid is not None and self._fault_rid in req.rid:
+            raise RuntimeError(f"fault injected into request {req.rid} ({FAULT_ENV})")
+        if out.logprobs is not None and req.sampling_params.logprobs is not None:
+            req.record_logprob(*out.row_logprobs(row, req.sampling_params.logprobs))
+        req.append_token(token, self.context_len)
+        if req.jump_forward and not req.finished:
+            forced = self.grammars.jump_forward(req, self.context_len)
+            self.stats.jump_forward_tokens += forced
+            self.stats.generated_tokens += forced
+
+    def _fail_batch(self, batch: ScheduledBatch, error: Exception) -> list[Req]:
+        """Ends every sequence of a batch whose step failed (those already finished in it keep
+        their reason); their KV is freed, not cached, as it may be half written."""
+        seqs = list(dict.fromkeys([*batch.reqs, *batch.seqs]))
+        for req in seqs:
+            if not req.finished:
+                req.finish(internal_error(error))
+            self._release(req)
+        self.running = [r for r in self.running if not r.finished]
+        if self.chunked_req is not None and self.chunked_req.finished:
+            self.chunked_req = None
+        return seqs
+
+    def fail_all(self, error: Exception) -> list[Req]:
+        """Ends every request in flight (the server's last resort when a step fails outside
+        any batch); returns them to be reported."""
+        reqs = [*self.waiting, *self.active_requests()]
+        for req in reqs:
+            if not req.finished:
+                req.finish(internal_error(error))
+            self._release(req)
+        self.waiting.clear()
+        self.running, self.chunked_req = [], None
+        return reqs
 
     def _finish_embeddings(self, batch: ScheduledBatch, pooled: torch.Tensor) -> list[Req]:
         """An embedding step's [B, hidden] rows: each request whose prompt is complete gets
@@ -456,7 +542,7 @@ class Scheduler:
         if len(complete) < len(reqs):
             logits = logits[complete]
             reqs = [reqs[i] for i in complete]
-        counts = [num_seqs(r) for r in reqs]
+        counts = [r.family for r in reqs]
         rows = [seq for req in reqs for seq in self._fork(req)]
         if len(rows) > len(reqs):
             logits = logits.repeat_interleave(torch.tensor(counts, device=logits.device), dim=0)
@@ -466,7 +552,7 @@ class Scheduler:
         """After its first prefill, a request with n > 1 forks into n sequences sharing the
         prompt's KV slots, which the prefix cache holds (its page-aligned part; a partial last
         page is copied to each sibling)."""
-        n = num_seqs(req)
+        n, req.family = req.family, 1
         if n == 1:
             return [req]
         family = [req]
@@ -493,10 +579,18 @@ class Scheduler:
         return family
 
     def _release(self, req: Req) -> None:
-        req.output_text.finish()
-        req.times.finished = time.time()
+        """Frees what a finished sequence holds: its KV goes to the prefix cache, or, after an
+        internal error, back to the allocator (it may be half written). Idempotent."""
+        failed = req.finished_reason is not None and req.finished_reason.internal
+        if not failed:
+            req.output_text.finish()
+        if req.times.finished is None:
+            req.times.finished = time.time()
         if req.req_pool_idx is not None:
-            self.tree_cache.cache_finished_req(req)
+            if failed:
+                self.tree_cache.discard_req(req)
+            else:
+                self.tree_cache.cache_finished_req(req)
             self.req_to_token_pool.free(req.req_pool_idx)
             req.req_pool_idx = None
 

@@ -31,6 +31,7 @@ from lmprog.runtime.managers.io_struct import (
     SeqOutput,
     ServerInfo,
     TokenizedGenerateReqInput,
+    internal_error,
 )
 from lmprog.runtime.managers.schedule_batch import Req
 from lmprog.runtime.managers.scheduler import Scheduler
@@ -82,16 +83,29 @@ class SchedulerLoop:
             for message in self._receive(block=not self.scheduler.has_work()):
                 self._handle(message)
             if self.scheduler.has_work():
-                reports = [self._report(r) for r in self.scheduler.step() if r.stream or r.finished]
-                errors = [r for r in reports if isinstance(r, RequestError)]
-                outputs = [r for r in reports if not isinstance(r, RequestError)]
-                for error in errors:
-                    self._send(error)
-                if outputs:
-                    self._send(BatchOutput(outputs))
+                self._report_all(self._step())
             elif os.getppid() != self.parent:
                 logger.info("the API process is gone; exiting")
                 return
+
+    def _step(self) -> list[Req]:
+        """One scheduler step. The scheduler contains faults of a batch or of one sequence
+        itself; anything that escapes it fails every request in flight (reported, with its KV
+        freed) rather than ending the server."""
+        try:
+            return self.scheduler.step()
+        except Exception as e:  # reported to every request in flight
+            logger.exception("a scheduler step failed; failing every request in flight")
+            return self.scheduler.fail_all(e)
+
+    def _report_all(self, reqs: list[Req]) -> None:
+        reports = [out for r in reqs if r.stream or r.finished for out in self._report(r)]
+        outputs = [r for r in reports if not isinstance(r, RequestError)]
+        for error in reports:
+            if isinstance(error, RequestError):
+                self._send(error)
+        if outputs:
+            self._send(BatchOutput(outputs))
 
     def _receive(self, block: bool) -> list[Any]:
         messages = []
@@ -110,6 +124,9 @@ class SchedulerLoop:
                 sched.add_request(message)
             except ValueError as e:
                 self._send(RequestError(message.rid, str(e)))
+            except Exception as e:  # this request fails, the server goes on
+                logger.exception("request %s could not be added", message.rid)
+                self._send(RequestError(message.rid, internal_error(e).message, 500))
         elif isinstance(message, AbortReq):
             sched.abort_request(message.rid)
         elif isinstance(message, FlushCacheReq):
@@ -117,17 +134,20 @@ class SchedulerLoop:
         elif isinstance(message, GetServerInfoReq):
             self._send(self._server_info())
         else:
-            raise TypeError(f"unknown message {type(message).__name__}")
+            logger.error("ignoring an unknown message %s", type(message).__name__)
 
-    def _report(self, req: Req) -> SeqOutput | RequestError:
+    def _report(self, req: Req) -> list[SeqOutput | RequestError]:
+        """What the API process hears of a sequence this step: its new tokens and text, or
+        its end. A request that ended before forking ends all its n sequences."""
         reason = req.finished_reason
-        if reason is not None and reason.kind == "error":  # refused after it was queued
-            return RequestError(req.rid, reason.message or "the request was refused")
+        if reason is not None and reason.kind == "error":  # refused, or failed while running
+            status = 500 if reason.internal else 400
+            return [RequestError(req.rid, reason.message or "the request failed", status)]
         start, req.reported_tokens = req.reported_tokens, len(req.output_ids)
         # Prompt logprobs go out once, in a sequence's first report (which has tokens or is
         # its last).
         scored = start == 0 and req.input_logprob_start is not None
-        return SeqOutput(
+        out = SeqOutput(
             rid=req.rid,
             index=req.index,
             token_ids=req.output_ids[start:],
@@ -141,6 +161,8 @@ class SchedulerLoop:
             input_logprobs=req.input_logprobs if scored else None,
             embedding=req.embedding,
         )
+        unforked = [dataclasses.replace(out, index=i) for i in range(1, req.family)]
+        return [out, *unforked] if req.finished else [out]
 
     def _server_info(self) -> ServerInfo:
         stats = self.scheduler.stats

@@ -5,47 +5,82 @@ Each failure is a ValueError naming the field, the value and the limit; nothing 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lmprog.runtime.managers.prefill_adder import kv_need
+from lmprog.runtime.sampling.param_error import ParamError
 from lmprog.runtime.sampling.sampling_params import SamplingParams
+
+
+class ContextLengthError(ValueError):
+    """The prompt, or the prompt with max_tokens, does not fit the model's context (OpenAI's
+    code `context_length_exceeded`)."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request is checked against: the model's and the engine's limits."""
+
+    vocab_size: int
+    context_len: int
+    max_total_tokens: int
+    page_size: int
+    max_logprobs: int
+    max_running_requests: int
 
 
 def _check_prompt_ids(input_ids: list[int], vocab_size: int) -> None:
     if not input_ids:
-        raise ValueError("prompt is empty: it must have at least 1 token")
+        raise ParamError("prompt is empty: it must have at least 1 token", "prompt")
     bad = next(((i, t) for i, t in enumerate(input_ids) if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise ValueError(
+        raise ParamError(
             f"prompt token id {bad[1]} at position {bad[0]} is outside the vocabulary "
-            f"[0, {vocab_size})"
+            f"[0, {vocab_size}): the model has {vocab_size} tokens",
+            "prompt",
         )
 
 
 def validate_request(
     input_ids: list[int],
     params: SamplingParams,
-    vocab_size: int,
-    context_len: int,
-    max_total_tokens: int,
-    page_size: int,
-    max_logprobs: int,
+    limits: RequestLimits,
+    strict_length: bool = False,
 ) -> int:
-    """Validates a tokenized request; returns its max new tokens (max_tokens clipped to the
-    context)."""
-    _check_prompt_ids(input_ids, vocab_size)
-    n_prompt = len(input_ids)
+    """Validates a tokenized request; returns its max new tokens.
+
+    `max_tokens` beyond the context is clipped to it (vLLM's offline behaviour: the sequence
+    stops at the context with finish_reason 'length'), or, with `strict_length` (the HTTP
+    routes, as OpenAI, vLLM's and SGLang's servers do), refused with both numbers.
+    """
+    _check_prompt_ids(input_ids, limits.vocab_size)
+    n_prompt, context_len = len(input_ids), limits.context_len
     if n_prompt >= context_len:
-        raise ValueError(
+        raise ContextLengthError(
             f"prompt has {n_prompt} tokens; the model's context is {context_len} tokens "
             "(max_model_len), which must also leave room for at least 1 output token"
         )
-    params.validate_for_model(vocab_size, max_logprobs)
+    if params.n > limits.max_running_requests:
+        raise ParamError(
+            f"n must be <= {limits.max_running_requests} (the server's max_running_requests: "
+            f"its {params.n} sequences must run at once), got {params.n}",
+            "n",
+        )
+    params.validate_for_model(limits.vocab_size, limits.max_logprobs)
     room = context_len - n_prompt
+    if strict_length and params.max_tokens is not None and params.max_tokens > room:
+        raise ContextLengthError(
+            f"the model's context is {context_len} tokens; this request asks for "
+            f"{n_prompt + params.max_tokens} ({n_prompt} in the prompt + {params.max_tokens} "
+            "max_tokens): shorten the prompt or lower max_tokens"
+        )
     max_new = room if params.max_tokens is None else min(params.max_tokens, room)
-    need = kv_need(n_prompt, 0, params.n, max_new, page_size)
-    if need > max_total_tokens:
+    need = kv_need(n_prompt, 0, params.n, max_new, limits.page_size)
+    if need > limits.max_total_tokens:
         raise ValueError(
             f"request needs up to {need} KV slots (prompt {n_prompt} + n={params.n} x "
-            f"{max_new} new tokens); the KV pool holds {max_total_tokens} (max_total_tokens)"
+            f"{max_new} new tokens); the KV pool holds {limits.max_total_tokens} "
+            "(max_total_tokens)"
         )
     return max_new
 

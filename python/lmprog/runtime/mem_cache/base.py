@@ -15,6 +15,7 @@ Lifecycle of a request, in the scheduler's words:
     ... allocate and compute only tokens[len(match.kv_indices):] ...
     cache.cache_unfinished_req(req)           # optional: its KV so far becomes a locked prefix
     cache.cache_finished_req(req)             # release: keep what is reusable, free the rest
+    cache.discard_req(req)                    # or, when it failed: cache nothing, free its own
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ class MatchResult:
 
 class BasePrefixCache(ABC):
     """A cache of token-sequence prefixes to KV slots. Implementations: ChunkCache (no reuse),
-    RadixCache (the radix tree)."""
+    RadixCache (the radix tree). Both keep `req_to_token_pool` and `allocator`."""
+
+    req_to_token_pool: Any
+    allocator: Any
 
     # Whether a prefix cached for one request can serve another (cache-aware scheduling).
     shares_prefixes: bool = False
@@ -69,6 +73,14 @@ class BasePrefixCache(ABC):
     def cache_finished_req(self, req: Req) -> None:
         """Releases a finished request's KV: the reusable part stays cached (unlocked), the rest
         returns to the allocator; the request's lock is released."""
+
+    def discard_req(self, req: Req) -> None:
+        """Releases a failed request's KV without caching any of it (it may be half written):
+        the slots past its cached prefix return to the allocator; its lock is released."""
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        self.allocator.free(row[req.prefix_indices.numel() : req.kv_len])
+        self.dec_lock_ref(req.last_node)
+        req.last_node = None
 
     @abstractmethod
     def locked_nodes(self) -> int:

@@ -80,10 +80,7 @@ class ChunkCache(BasePrefixCache):
         req.last_node = node
 
     def cache_finished_req(self, req: Req) -> None:
-        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
-        self.allocator.free(row[req.prefix_indices.numel() : req.kv_len])
-        self.dec_lock_ref(req.last_node)
-        req.last_node = None
+        self.discard_req(req)  # nothing outlives the request here
 
     def locked_nodes(self) -> int:
         return len(self._live)

@@ -8,7 +8,7 @@ made here on the host, so the Sampler can pick rows without a device sync.
 Vocabulary width: `vocab_size` is the number of real tokens. Models whose logits are
 padded wider (e.g. to a multiple of 64) get their logits cut to `vocab_size` by the
 Sampler, so padding columns are never sampled; token ids >= vocab_size (in prompts,
-outputs, EOS or stop ids) are ignored here.
+outputs, EOS, stop or logit_bias ids) are ignored here.
 """
 
 from __future__ import annotations
@@ -62,6 +62,11 @@ class SamplingBatchInfo:
     # Cells forced to -inf because their row has fewer than min_tokens outputs.
     min_tokens_rows: torch.Tensor | None
     min_tokens_ids: torch.Tensor | None
+    # logit_bias of every row that has one, as sparse cells: logits[rows[j], ids[j]] +=
+    # values[j]. None when no row has a bias, so such batches pay nothing.
+    logit_bias_rows: torch.Tensor | None
+    logit_bias_ids: torch.Tensor | None
+    logit_bias_values: torch.Tensor | None
     # None: no row wants logprobs. Otherwise the most top logprobs any row asked for
     # (0: only the chosen token's logprob).
     max_logprobs: int | None
@@ -85,6 +90,10 @@ class SamplingBatchInfo:
     @property
     def need_min_tokens_mask(self) -> bool:
         return self.min_tokens_rows is not None
+
+    @property
+    def need_logit_bias(self) -> bool:
+        return self.logit_bias_rows is not None
 
     @property
     def need_logprobs(self) -> bool:
@@ -115,6 +124,7 @@ class SamplingBatchInfo:
         top_ks = [_top_k(p, vocab_size) for p in params]
         used_ks = [top_ks[i] for i in truncated if top_ks[i] < vocab_size]
         min_rows, min_ids = _min_tokens_cells(params, output_ids, eos_token_ids, vocab_size)
+        bias_rows, bias_ids, bias_values = _logit_bias_cells(params, vocab_size)
         requested = [p.logprobs for p in params if p.logprobs is not None]
 
         def on_device(values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -143,6 +153,9 @@ class SamplingBatchInfo:
             penalties=PenaltyInputs.from_rows(params, output_ids, prompt_ids, vocab_size, device),
             min_tokens_rows=None if min_rows is None else min_rows.to(device),
             min_tokens_ids=None if min_ids is None else min_ids.to(device),
+            logit_bias_rows=_maybe_to(bias_rows, device),
+            logit_bias_ids=_maybe_to(bias_ids, device),
+            logit_bias_values=_maybe_to(bias_values, device),
             max_logprobs=max(requested) if requested else None,
         )
 
@@ -186,3 +199,31 @@ def _min_tokens_cells(
     if ids.numel() == 0:
         return None, None
     return row_index, ids
+
+
+def _logit_bias_cells(
+    params: Sequence[SamplingParams], vocab_size: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(rows, ids, biases) CPU tensors of every row's logit_bias, flattened; ids outside
+    [0, vocab_size) are dropped (validate_for_model refuses them for requests).
+    Returns (None, None, None) when no row has a bias."""
+    rows: list[int] = []
+    ids: list[int] = []
+    values: list[float] = []
+    for i, p in enumerate(params):
+        for token_id, bias in (p.logit_bias or {}).items():
+            if 0 <= token_id < vocab_size:
+                rows.append(i)
+                ids.append(token_id)
+                values.append(bias)
+    if not rows:
+        return None, None, None
+    return (
+        torch.tensor(rows, dtype=torch.int64),
+        torch.tensor(ids, dtype=torch.int64),
+        torch.tensor(values, dtype=torch.float32),
+    )
+
+
+def _maybe_to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device, non_blocking=True)

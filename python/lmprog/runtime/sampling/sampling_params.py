@@ -11,15 +11,21 @@ Validation is split in two:
   the server's logprobs limit).
 
 Every error is a `ValueError` (wrong types too: one exception type for the server to map
-to a 400) that names the field, the value and the limit.
+to a 400) that names the field, the value and the limit; precisely a `ParamError`, whose
+`param` is the field (its message starts with the field's name).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from lmprog.runtime.sampling.param_error import ParamError
 
 # Temperatures below this are greedy decoding (argmax), as in vLLM: dividing logits by a
 # tiny temperature only overflows, and the limit of sampling as T -> 0 is the argmax anyway.
@@ -31,6 +37,9 @@ _CONSTRAINTS = ("regex", "json_schema", "json_object", "ebnf", "choice")
 # Penalty limits follow the OpenAI API (presence/frequency in [-2, 2]) and vLLM
 # (repetition > 0, where 1 means off).
 _PENALTY_LIMIT = 2.0
+
+# OpenAI's logit_bias range: -100 effectively bans a token, +100 effectively forces it.
+_LOGIT_BIAS_LIMIT = 100.0
 
 
 @dataclass
@@ -62,6 +71,14 @@ class SamplingParams:
         max_tokens: the most tokens to generate (>= 1); None means up to the model's
             context length.
         min_tokens: EOS and stop_token_ids are forbidden until this many tokens exist.
+        logit_bias: {token id: bias in [-100, 100]} added to those tokens' logits before
+            anything else (penalties, min_tokens, temperature, top_k/top_p/min_p, and the
+            argmax of greedy rows all see the biased logits), as in OpenAI's API: -100
+            effectively bans a token, +100 effectively forces it. Keys may be strings of
+            digits (JSON objects have string keys); they are stored as ints. It does not
+            change logprobs (computed from the raw logits, like penalties), cannot undo the
+            min_tokens or grammar masks (-inf stays -inf), and does not apply to tokens a
+            grammar forces by jump-forward (they are appended without sampling).
         logprobs: also return this many top log-probabilities per generated token,
             besides the chosen token's own (0: only the chosen token's); None: none.
         prompt_logprobs: return the log-probability of each prompt token given the ones
@@ -92,6 +109,7 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int | None = 16
     min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -104,8 +122,9 @@ class SamplingParams:
     choice: list[str] | None = None
 
     def __post_init__(self) -> None:
-        self._normalise()
-        self._validate_ranges()
+        with _naming_the_field():
+            self._normalise()
+            self._validate_ranges()
         if self.is_greedy:
             # Truncation is meaningless for the argmax; resetting it (as vLLM does) lets
             # the batch treat every greedy row alike.
@@ -132,15 +151,30 @@ class SamplingParams:
             or self.repetition_penalty != 1.0
         )
 
+    @property
+    def uses_logit_bias(self) -> bool:
+        """True when logit_bias has at least one entry."""
+        return bool(self.logit_bias)
+
     # -- model-dependent checks --------------------------------------------------------------
 
     def validate_for_model(self, vocab_size: int, max_logprobs: int = 20) -> None:
-        """Check what needs the model: stop_token_ids inside the vocabulary, and
-        logprobs within the server's limit. Raises ValueError."""
+        """Check what needs the model: stop_token_ids and logit_bias ids inside the
+        vocabulary, and logprobs within the server's limit. Raises ValueError."""
+        with _naming_the_field():
+            self._validate_for_model(vocab_size, max_logprobs)
+
+    def _validate_for_model(self, vocab_size: int, max_logprobs: int) -> None:
         for token_id in self.stop_token_ids:
             if token_id >= vocab_size:
                 raise ValueError(
                     f"stop_token_ids contains {token_id}, outside the vocabulary "
+                    f"(ids must be < {vocab_size})"
+                )
+        for token_id in self.logit_bias or ():
+            if token_id >= vocab_size:
+                raise ValueError(
+                    f"logit_bias has token id {token_id}, outside the vocabulary "
                     f"(ids must be < {vocab_size})"
                 )
         for name in ("logprobs", "prompt_logprobs"):
@@ -153,7 +187,7 @@ class SamplingParams:
     # -- copies ----------------------------------------------------------------------------------
 
     def clone(self) -> SamplingParams:
-        """An independent copy (lists are copied too)."""
+        """An independent copy (lists and logit_bias are copied too)."""
         return self.with_overrides()
 
     def with_overrides(self, **changes: Any) -> SamplingParams:
@@ -172,6 +206,8 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.logit_bias is not None:
+            self.logit_bias = _normalised_logit_bias(self.logit_bias)
         for name in (
             "presence_penalty",
             "frequency_penalty",
@@ -202,6 +238,7 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed)
         self._validate_stops()
+        self._validate_logit_bias()
         self._validate_lengths()
         self._validate_constraint()
         for name in ("logprobs", "prompt_logprobs"):
@@ -246,6 +283,15 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             _check_int("stop_token_ids", token_id, minimum=0)
 
+    def _validate_logit_bias(self) -> None:
+        for token_id, bias in (self.logit_bias or {}).items():
+            if token_id < 0:
+                raise ValueError(f"logit_bias has token id {token_id}; ids must be >= 0")
+            if not -_LOGIT_BIAS_LIMIT <= bias <= _LOGIT_BIAS_LIMIT:
+                raise ValueError(
+                    f"logit_bias for token id {token_id} must be in [-100, 100], got {bias}"
+                )
+
     def _validate_lengths(self) -> None:
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, minimum=1)
@@ -255,6 +301,49 @@ class SamplingParams:
                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} "
                 f"> max_tokens={self.max_tokens}"
             )
+
+
+def _normalised_logit_bias(logit_bias: object) -> dict[int, float]:
+    """A fresh {int id: float bias} from a mapping whose keys are ints or strings of digits
+    (JSON objects, e.g. OpenAI's {"50256": -100}, only have string keys)."""
+    if not isinstance(logit_bias, dict):
+        raise ValueError(  # noqa: TRY004
+            f"logit_bias must be a map of token id to bias, got {type(logit_bias).__name__}"
+        )
+    normalised: dict[int, float] = {}
+    for key, bias in logit_bias.items():
+        token_id = _token_id(key)
+        if token_id in normalised:
+            raise ValueError(f"logit_bias has token id {token_id} more than once")
+        normalised[token_id] = _as_float(f"logit_bias for token id {token_id}", bias)
+    return normalised
+
+
+def _token_id(key: object) -> int:
+    """A logit_bias key as an int: an int (not a bool), or a string of digits. A leading
+    minus is accepted so that "-1" gets the range error (ids >= 0), not a type error."""
+    if isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key):
+        return int(key)
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise ValueError(f"logit_bias keys must be integer token ids, got {key!r}")  # noqa: TRY004
+    return key
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+@contextmanager
+def _naming_the_field() -> Iterator[None]:
+    """Turns the ValueErrors raised inside into ParamErrors naming their field, so an API can
+    say which one (`error.param`). Every message here starts with the field's name."""
+    try:
+        yield
+    except ParamError:
+        raise
+    except ValueError as e:
+        word = re.match(r"\w+", str(e))
+        field = word.group(0) if word and word.group(0) in _FIELDS else None
+        raise ParamError(str(e), field) from None
 
 
 def _as_float(name: str, value: object) -> float:

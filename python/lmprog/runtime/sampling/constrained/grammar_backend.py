@@ -6,7 +6,9 @@ a request arrives and keeps stepping the other requests; the request is admitted
 is done. xgrammar's C++ compiler releases the GIL, so compiling does not stall decoding.
 
 Results (and failures: an invalid regex stays invalid) are cached per spec, so the same schema is
-compiled once for the life of the engine.
+compiled once while it is in use. The cache holds at most `cache_size` grammars (least recently
+used out first: a compiled grammar can take megabytes, and clients can send endless distinct
+schemas); a request already holding one keeps it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -41,15 +44,18 @@ def _require_xgrammar() -> Any:
 
 
 class GrammarBackend:
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], cache_size: int = 256
+    ) -> None:
         xgr = _require_xgrammar()
+        self.cache_size = cache_size
         self.vocab_size = vocab_size
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
         )
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=1)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
-        self._futures: dict[GrammarSpec, Future] = {}
+        self._futures: OrderedDict[GrammarSpec, Future] = OrderedDict()
         self._lock = threading.Lock()
 
     def submit(self, spec: GrammarSpec) -> Future:
@@ -59,7 +65,16 @@ class GrammarBackend:
             if future is None:
                 future = self._pool.submit(self._compile, spec)
                 self._futures[spec] = future
+                while len(self._futures) > self.cache_size:
+                    self._futures.popitem(last=False)
+            else:
+                self._futures.move_to_end(spec)
             return future
+
+    @property
+    def cached(self) -> int:
+        """How many grammars (compiled, compiling or failed) the cache holds."""
+        return len(self._futures)
 
     def compile(self, spec: GrammarSpec) -> Any:
         """Compiles now (blocking); raises GrammarError."""
