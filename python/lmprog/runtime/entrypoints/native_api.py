@@ -21,13 +21,14 @@ from lmprog.runtime.entrypoints.common import (
     merge_streams,
     require_kind,
     sse,
+    sse_with_errors,
     submit,
     tm_of,
     tokenize_prompt,
     until_disconnect,
     validate,
 )
-from lmprog.runtime.entrypoints.errors import APIError, api_error_payload
+from lmprog.runtime.entrypoints.errors import APIError
 from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
 from lmprog.runtime.managers.tokenizer_manager import RequestFailedError, SchedulerDiedError
 from lmprog.runtime.sampling.sampling_params import SamplingParams
@@ -126,6 +127,8 @@ async def get_server_info(request: Request) -> dict:
         "scheduler": info.stats,
         "max_total_tokens": request.app.state.model_info.max_total_tokens,
         "sequences_in_flight": tm.sequences_in_flight,
+        "attention_backend": request.app.state.model_info.attention_backend,
+        "cpu_path": request.app.state.model_info.cpu_path,
         # SGLang's names for the same figures, for its clients and tools.
         "max_total_num_tokens": kv["total"],
         "available_size": kv["free"],
@@ -375,7 +378,7 @@ async def generate(request: Request) -> Any:
 
     if stream:
         return StreamingResponse(
-            _stream(tm, reqs, states, start, logprob_meta),
+            sse_with_errors(_stream(tm, reqs, states, start, logprob_meta)),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
@@ -408,16 +411,13 @@ async def _stream(
 ) -> AsyncIterator[str]:
     """SSE: each chunk carries one sequence's text so far (SGLang's shape), then [DONE]."""
     seqs: dict[tuple[int, int], tuple[SeqResult, _LogprobMeta | None]] = {}
-    try:
-        async for k, out in merge_streams(tm, states):
-            key = (k, out.index)
-            if key not in seqs:
-                seqs[key] = (SeqResult(out.index), logprob_meta(reqs[k]))
-            seq, meta = seqs[key]
-            seq.add(out)
-            if meta is not None:
-                meta.add(out)
-            yield sse(_item(reqs[k], seq, start, meta))
-    except APIError as e:  # the stream has begun: the error is its last event
-        yield sse(api_error_payload(e))
+    async for k, out in merge_streams(tm, states):
+        key = (k, out.index)
+        if key not in seqs:
+            seqs[key] = (SeqResult(out.index), logprob_meta(reqs[k]))
+        seq, meta = seqs[key]
+        seq.add(out)
+        if meta is not None:
+            meta.add(out)
+        yield sse(_item(reqs[k], seq, start, meta))
     yield SSE_DONE

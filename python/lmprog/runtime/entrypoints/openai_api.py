@@ -20,13 +20,14 @@ from lmprog.runtime.entrypoints.common import (
     merge_streams,
     require_kind,
     sse,
+    sse_with_errors,
     submit,
     tm_of,
     tokenize_prompt,
     until_disconnect,
     validate,
 )
-from lmprog.runtime.entrypoints.errors import APIError, api_error_payload
+from lmprog.runtime.entrypoints.errors import APIError
 from lmprog.runtime.entrypoints.native_api import SeqResult
 from lmprog.runtime.entrypoints.openai_protocol import ChatCompletionRequest, CompletionRequest
 from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
@@ -248,15 +249,9 @@ async def _stream_completion(
 
 
 def _sse_response(gen: AsyncIterator[str]) -> StreamingResponse:
-    async def guarded() -> AsyncIterator[str]:
-        try:
-            async for chunk in gen:
-                yield chunk
-        except APIError as e:
-            yield sse(api_error_payload(e))
-            yield SSE_DONE
-
-    return StreamingResponse(guarded(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(
+        sse_with_errors(gen), media_type="text/event-stream", headers=SSE_HEADERS
+    )
 
 
 # ---- chat -----------------------------------------------------------------------------------

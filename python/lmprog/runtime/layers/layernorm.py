@@ -6,7 +6,9 @@ the residual stream separately lets one call do "add the sublayer output, then n
     normed, residual = norm(sublayer_out, residual)   # residual <- residual + sublayer_out
 
 The residual is updated in place: it is a tensor the model's forward owns (the embedding lookup
-or an earlier sum), so no one else observes the change, and the step saves one allocation.
+or an earlier sum), so no one else observes the change, and the step saves one allocation. On
+CPU with sgl_kernel, one fused kernel does the add and the norm (the sublayer output, also the
+model's own, receives the normalized values).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmprog.runtime.layers.cpu_kernels import kernels_for
 
 
 class RMSNorm(nn.Module):
@@ -43,9 +47,16 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x); or, with `residual`, (norm(residual + x), residual + x), updating `residual`."""
+        """norm(x); or, with `residual`, (norm(residual + x), residual + x), updating `residual`
+        (and, on the kernel path, overwriting `x` with the result)."""
+        kernels = kernels_for(x)
         if residual is None:
+            if kernels is not None:
+                return kernels.rmsnorm(x, self.weight, self.eps)
             return self._norm(x)
+        if kernels is not None and residual.is_contiguous():
+            kernels.fused_add_rmsnorm(x, residual, self.weight, self.eps)
+            return x, residual
         residual.add_(x)
         return self._norm(residual), residual
 

@@ -137,3 +137,5 @@ class SchedulerReady:
     dtype: str
     is_embedding: bool = False  # serves /v1/embeddings, not generation
     embedding_dim: int | None = None
+    attention_backend: str = ""  # the backend `auto` (or the flag) resolved to
+    cpu_path: str = "torch"  # sgl_kernel's ISA (amx, avx512, avx2, scalar) or torch

@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from lmprog.runtime.layers.cpu_kernels import cpu_path
 from lmprog.runtime.managers import codec
 from lmprog.runtime.managers.io_struct import (
     AbortReq,
@@ -66,6 +67,8 @@ def run_scheduler_process(
             dtype=str(mr.dtype).removeprefix("torch."),
             is_embedding=mr.is_embedding,
             embedding_dim=int(mr.config.hidden_size) if mr.is_embedding else None,
+            attention_backend=mr.attention_backend,
+            cpu_path=cpu_path(),
         )
     )
     SchedulerLoop(scheduler, inbox, outbox).run()

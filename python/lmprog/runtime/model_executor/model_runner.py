@@ -8,6 +8,8 @@ import time
 import torch
 
 from lmprog.runtime.layers.attention import create_attention_backend
+from lmprog.runtime.layers.attention.registry import resolve_backend_name
+from lmprog.runtime.layers.cpu_kernels import cpu_path
 from lmprog.runtime.mem_cache.allocator import TokenToKVPoolAllocator
 from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPool
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch
@@ -48,13 +50,18 @@ class ModelRunner:
         self.context_len = self._context_len()
         self.vocab_size = int(self.config.vocab_size)
         self._init_pools()
-        self.attn_backend = create_attention_backend(server_args.attention_backend)
+        self.attention_backend = resolve_backend_name(
+            server_args.attention_backend, self.device.type
+        )
+        self.attn_backend = create_attention_backend(self.attention_backend)
         logger.info(
-            "loaded %s in %.1fs: context %d, KV pool %d tokens",
+            "loaded %s in %.1fs: context %d, KV pool %d tokens, attention %s, CPU path %s",
             server_args.model_path,
             self.load_seconds,
             self.context_len,
             self.max_total_tokens,
+            self.attention_backend,
+            cpu_path(),
         )
 
     def _build_model(self) -> torch.nn.Module:

@@ -9,7 +9,20 @@ from lmprog.runtime.layers.attention.base import AttentionBackend
 # name -> "module:Class"
 _BACKENDS: dict[str, str] = {
     "torch_native": "lmprog.runtime.layers.attention.torch_native:TorchNativeAttnBackend",
+    "cpu": "lmprog.runtime.layers.attention.cpu:CpuAttnBackend",
 }
+
+
+def resolve_backend_name(name: str, device: str) -> str:
+    """`auto` is the best backend the device offers: on CPU, `cpu` when the kernels are there,
+    else `torch_native`."""
+    if name != "auto":
+        return name
+    if device == "cpu":
+        from lmprog.runtime.layers.cpu_kernels import cpu_kernels
+
+        return "cpu" if cpu_kernels() is not None else "torch_native"
+    return "torch_native"
 
 
 def supported_backends() -> list[str]:

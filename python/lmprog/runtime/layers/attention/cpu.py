@@ -1,0 +1,104 @@
+"""The CPU attention backend: sgl_kernel's paged attention, reading K/V from the pool in place.
+
+Unlike `torch_native`, nothing is gathered or padded: the kernels walk each request's row of
+`req_to_token` themselves, decode splits a long context across threads, and extend attends
+causally over the cached prefix and the new tokens with an online softmax (bounded memory for any
+prompt length). Encode (no KV) stays on the torch path, and so do extends of more than
+`KERNEL_EXTEND_MAX` new tokens per request: there torch's flash attention, which tiles Q.K^T into
+small matmuls, measured 1.3-1.4x faster than the extend kernel (benchmarks/README.md); the kernel
+serves the short extends (jump-forward tokens, small chunks, short turns on a cached prefix).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmprog.runtime.layers.attention.base import RadixAttention
+from lmprog.runtime.layers.attention.torch_native import TorchNativeAttnBackend
+from lmprog.runtime.layers.cpu_kernels import cpu_kernels
+from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
+
+KERNEL_EXTEND_MAX = 16
+
+
+class CpuAttnBackend(TorchNativeAttnBackend):
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        kernels = cpu_kernels()
+        if kernels is None:
+            raise ValueError(
+                "attention_backend 'cpu' needs the sgl_kernel package (bash scripts/setup.sh "
+                "builds it) and LMPROG_CPU_ISA not 'torch'; or use 'torch_native'"
+            )
+        self.kernels = kernels
+
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        if self._torch_path(fb):
+            super().init_forward_metadata(fb)
+        else:
+            fb.attn_metadata = None  # the kernels read the batch's own index tensors
+
+    @staticmethod
+    def _torch_path(fb: ForwardBatch) -> bool:
+        if fb.forward_mode is ForwardMode.ENCODE:
+            return True
+        return fb.forward_mode.is_extend and max(fb.extend_seq_lens_cpu) > KERNEL_EXTEND_MAX
+
+    def forward_extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+    ) -> torch.Tensor:
+        fb = forward_batch
+        if fb.attn_metadata is not None:  # a long extend: torch's flash attention
+            return super().forward_extend(q, k, v, layer, fb)
+        k_buf, v_buf = self._store(k, v, layer, fb)
+        out = q.new_empty((q.shape[0], layer.num_heads, layer.v_head_dim))
+        self.kernels.extend_attention(
+            q.contiguous(),
+            k_buf,
+            v_buf,
+            out,
+            fb.req_to_token_pool.req_to_token,
+            fb.req_pool_indices,
+            fb.seq_lens,
+            fb.extend_prefix_lens,
+            layer.scaling,
+        )
+        return out.view(q.shape[0], -1)
+
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+    ) -> torch.Tensor:
+        fb = forward_batch
+        k_buf, v_buf = self._store(k, v, layer, fb)
+        out = q.new_empty((q.shape[0], layer.num_heads, layer.v_head_dim))
+        self.kernels.decode_attention(
+            q.contiguous(),
+            k_buf,
+            v_buf,
+            out,
+            fb.req_to_token_pool.req_to_token,
+            fb.req_pool_indices,
+            fb.seq_lens,
+            layer.scaling,
+        )
+        return out.view(q.shape[0], -1)
+
+    @staticmethod
+    def _store(
+        k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, fb: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the new tokens' K/V into the pool; returns this layer's buffers."""
+        pool = fb.token_to_kv_pool
+        assert pool is not None and fb.req_to_token_pool is not None
+        pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc, k, v)
+        return pool.get_kv_buffer(layer.layer_id)
