@@ -4,9 +4,11 @@ Unlike `torch_native`, nothing is gathered or padded: the kernels walk each requ
 `req_to_token` themselves, decode splits a long context across threads, and extend attends
 causally over the cached prefix and the new tokens with an online softmax (bounded memory for any
 prompt length). Encode (no KV) stays on the torch path, and so do extends of more than
-`KERNEL_EXTEND_MAX` new tokens per request: there torch's flash attention, which tiles Q.K^T into
-small matmuls, measured 1.3-1.4x faster than the extend kernel (benchmarks/README.md); the kernel
-serves the short extends (jump-forward tokens, small chunks, short turns on a cached prefix).
+`KERNEL_EXTEND_MAX` new tokens per request or over more than `KERNEL_EXTEND_CONTEXT` tokens of
+context: there torch's gather + flash attention, which tiles Q.K^T into small matmuls, measured
+faster than the extend kernel (about 2x at a 1,024-token prefill, 1.5x for 4 new tokens over 1,024;
+benchmarks/README.md). The kernel serves short extends over short contexts (jump-forward tokens,
+first turns), where it measured 1.4-3.4x faster.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lmprog.runtime.layers.cpu_kernels import cpu_kernels
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 KERNEL_EXTEND_MAX = 16
+KERNEL_EXTEND_CONTEXT = 512
 
 
 class CpuAttnBackend(TorchNativeAttnBackend):
@@ -42,7 +45,10 @@ class CpuAttnBackend(TorchNativeAttnBackend):
     def _torch_path(fb: ForwardBatch) -> bool:
         if fb.forward_mode is ForwardMode.ENCODE:
             return True
-        return fb.forward_mode.is_extend and max(fb.extend_seq_lens_cpu) > KERNEL_EXTEND_MAX
+        return fb.forward_mode.is_extend and (
+            max(fb.extend_seq_lens_cpu) > KERNEL_EXTEND_MAX
+            or max(fb.seq_lens_cpu) > KERNEL_EXTEND_CONTEXT
+        )
 
     def forward_extend(
         self,
