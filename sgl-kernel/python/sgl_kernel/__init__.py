@@ -15,6 +15,7 @@ import torch
 from sgl_kernel import _C
 from sgl_kernel.attention import decode_attention, extend_attention
 from sgl_kernel.norm import fused_add_rmsnorm, rmsnorm, silu_and_mul
+from sgl_kernel.quant import int8_linear, int8_pack, quantize_int8_per_channel
 
 __all__ = [
     "cpu_isa",
@@ -23,6 +24,9 @@ __all__ = [
     "extend_attention",
     "fused_add_rmsnorm",
     "has_avx512_vnni",
+    "int8_linear",
+    "int8_pack",
+    "quantize_int8_per_channel",
     "rmsnorm",
     "silu_and_mul",
 ]
