@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lmprog.runtime.entrypoints.native_api import _LogprobMeta, _LogprobRequest
+from lmprog.runtime.entrypoints.generate_api import _LogprobMeta, _LogprobRequest
 from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
 from lmprog.runtime.managers.prompt_bound import PromptBound
 from lmprog.runtime.sampling.sampling_params import SamplingParams

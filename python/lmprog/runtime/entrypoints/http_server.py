@@ -5,7 +5,7 @@
       └─ this process: waits for the model, then serves HTTP; a watchdog ends the server (exit 1)
          if the scheduler process dies. SIGTERM drains in-flight requests and exits 0.
 
-Routes: native ones here (native_api.py), OpenAI's in openai_api.py; both share the
+Routes: native ones in native_api.py and generate_api.py, OpenAI's in openai_api.py; both share the
 TokenizerManager kept on `app.state.tm`.
 """
 
@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from lmprog.lang.chat_template import derive_roles
 from lmprog.runtime.entrypoints.embeddings_api import router as embeddings_router
 from lmprog.runtime.entrypoints.errors import error_response, install_error_handlers
+from lmprog.runtime.entrypoints.generate_api import router as generate_router
 from lmprog.runtime.entrypoints.metrics import Metrics
 from lmprog.runtime.entrypoints.metrics import router as metrics_router
 from lmprog.runtime.entrypoints.native_api import router as native_router
@@ -78,6 +79,7 @@ def build_app(
     install_error_handlers(app)
     app.add_middleware(_Guard, args=args)
     app.include_router(native_router)
+    app.include_router(generate_router)
     app.include_router(openai_router)
     app.include_router(embeddings_router)
     app.include_router(metrics_router)

@@ -28,8 +28,8 @@ from lmprog.runtime.entrypoints.common import (
     validate,
 )
 from lmprog.runtime.entrypoints.errors import APIError
-from lmprog.runtime.entrypoints.native_api import SeqResult
 from lmprog.runtime.entrypoints.openai_protocol import ChatCompletionRequest, CompletionRequest
+from lmprog.runtime.entrypoints.seq_result import SeqResult
 from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
 from lmprog.runtime.managers.tokenizer_manager import RequestState
 from lmprog.runtime.managers.validation import ContextLengthError

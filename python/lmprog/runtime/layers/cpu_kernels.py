@@ -13,6 +13,8 @@ import os
 from types import ModuleType
 from typing import Any
 
+import torch
+
 logger = logging.getLogger(__name__)
 ISA_ENV = "LMPROG_CPU_ISA"  # torch | scalar | avx2 | avx512 | amx: the highest path allowed
 
@@ -39,8 +41,6 @@ def cpu_kernels() -> ModuleType | None:
 def kernels_for(x: Any) -> ModuleType | None:
     """sgl_kernel when its elementwise ops can take tensor `x` (contiguous float32 or bfloat16,
     on CPU), else None."""
-    import torch
-
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     return cpu_kernels() if x.is_contiguous() else None

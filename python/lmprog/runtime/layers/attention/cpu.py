@@ -13,6 +13,8 @@ first turns), where it measured 1.4-3.4x faster.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lmprog.runtime.layers.attention.base import RadixAttention
@@ -61,20 +63,7 @@ class CpuAttnBackend(TorchNativeAttnBackend):
         fb = forward_batch
         if fb.attn_metadata is not None:  # a long extend: torch's flash attention
             return super().forward_extend(q, k, v, layer, fb)
-        k_buf, v_buf = self._store(k, v, layer, fb)
-        out = q.new_empty((q.shape[0], layer.num_heads, layer.v_head_dim))
-        self.kernels.extend_attention(
-            q.contiguous(),
-            k_buf,
-            v_buf,
-            out,
-            fb.req_to_token_pool.req_to_token,
-            fb.req_pool_indices,
-            fb.seq_lens,
-            fb.extend_prefix_lens,
-            layer.scaling,
-        )
-        return out.view(q.shape[0], -1)
+        return self._run(self.kernels.extend_attention, q, k, v, layer, fb, fb.extend_prefix_lens)
 
     def forward_decode(
         self,
@@ -84,27 +73,26 @@ class CpuAttnBackend(TorchNativeAttnBackend):
         layer: RadixAttention,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
-        fb = forward_batch
-        k_buf, v_buf = self._store(k, v, layer, fb)
-        out = q.new_empty((q.shape[0], layer.num_heads, layer.v_head_dim))
-        self.kernels.decode_attention(
-            q.contiguous(),
-            k_buf,
-            v_buf,
-            out,
-            fb.req_to_token_pool.req_to_token,
-            fb.req_pool_indices,
-            fb.seq_lens,
-            layer.scaling,
-        )
-        return out.view(q.shape[0], -1)
+        return self._run(self.kernels.decode_attention, q, k, v, layer, forward_batch)
 
     @staticmethod
-    def _store(
-        k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, fb: ForwardBatch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes the new tokens' K/V into the pool; returns this layer's buffers."""
+    def _run(
+        kernel: Callable[..., None],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        fb: ForwardBatch,
+        *extra: torch.Tensor,
+    ) -> torch.Tensor:
+        """Writes the new tokens' K/V into the pool, then runs `kernel` over this layer's
+        buffers in place; returns [T, num_heads * v_head_dim]."""
         pool = fb.token_to_kv_pool
         assert pool is not None and fb.req_to_token_pool is not None
         pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc, k, v)
-        return pool.get_kv_buffer(layer.layer_id)
+        k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        out = q.new_empty((q.shape[0], layer.num_heads, layer.v_head_dim))
+        rows = fb.req_to_token_pool.req_to_token
+        args = (rows, fb.req_pool_indices, fb.seq_lens, *extra, layer.scaling)
+        kernel(q.contiguous(), k_buf, v_buf, out, *args)
+        return out.view(q.shape[0], -1)
