@@ -18,9 +18,13 @@ _ENGINES: dict[tuple, object] = {}
 
 
 def make_engine(**kwargs):
-    """The engine of this configuration, made on first use and shared by every test."""
+    """The engine of this configuration, made on first use and shared by every test.
+
+    dtype defaults to float32, not `auto`: tests compare exact tokens and HF's outputs, which
+    must mean the same on every CPU (auto picks bfloat16 on CPUs with AMX or AVX512-BF16)."""
     from lmprog import LLM
 
+    kwargs.setdefault("dtype", "float32")
     key = tuple(sorted(kwargs.items()))
     if key not in _ENGINES:
         _ENGINES[key] = LLM(**kwargs)

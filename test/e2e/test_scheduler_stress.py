@@ -57,7 +57,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, llm) -> Path:
 )
 def test_random_traffic_in_a_tiny_pool(tiny_model_dir: Path, config: dict) -> None:
     engine = LLM(
-        str(tiny_model_dir), seed=0, max_total_tokens=160, max_running_requests=6, **config
+        str(tiny_model_dir),
+        seed=0,
+        dtype="float32",
+        max_total_tokens=160,
+        max_running_requests=6,
+        **config,
     )
     sched = engine.scheduler
     rng = random.Random(repr(config) + os.environ.get("LMPROG_STRESS_SEED", ""))

@@ -26,9 +26,13 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m lmprog.launch_server` on a free port; `url` once it answers."""
+    """`python -m lmprog.launch_server` on a free port; `url` once it answers.
+
+    `--dtype float32` unless the flags say otherwise, as for the offline engines (conftest.py)."""
 
     def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+        if "--dtype" not in flags:
+            flags = (*flags, "--dtype", "float32")
         self.port = free_port()
         key = flags[flags.index("--api-key") + 1] if "--api-key" in flags else None
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}

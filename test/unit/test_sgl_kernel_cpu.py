@@ -133,8 +133,36 @@ def check_norms(dtype: torch.dtype) -> None:
         )
 
 
+def check_rope_store(dtype: torch.dtype) -> None:
+    """rope_kv_store against lmprog's RotaryEmbedding.apply plus an indexed store."""
+    from lmprog.runtime.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 256, {"rope_type": "default", "rope_theta": 10000.0})
+    for t, h, hkv in ((1, 9, 3), (5, 4, 4), (33, 8, 1)):
+        positions = torch.randint(0, 200, (t,))
+        rows = rope.rows(positions, dtype)
+        qkv = torch.randn(t, (h + 2 * hkv) * 64).to(dtype)
+        k_buf, v_buf = torch.zeros(50, hkv, 64, dtype=dtype), torch.zeros(50, hkv, 64, dtype=dtype)
+        loc = torch.randperm(50)[:t]
+        q, k = sgl_kernel.rope_kv_store(qkv, rows.cos32, rows.sin32, loc, k_buf, v_buf, h, hkv)
+        heads = qkv.view(t, h + 2 * hkv, 64)
+        q_ref = RotaryEmbedding.apply(heads[:, :h], rows.cos, rows.sin)
+        k_ref = RotaryEmbedding.apply(heads[:, h : h + hkv], rows.cos, rows.sin)
+        tol = {"atol": 1e-2, "rtol": 1e-2} if dtype is torch.bfloat16 else {}
+        torch.testing.assert_close(q, q_ref, **tol)
+        torch.testing.assert_close(k, k_ref, **tol)
+        torch.testing.assert_close(k_buf[loc], k, atol=0, rtol=0)
+        torch.testing.assert_close(v_buf[loc], heads[:, h + hkv :], atol=0, rtol=0)
+        untouched = torch.ones(50, dtype=torch.bool)
+        untouched[loc] = False
+        assert not k_buf[untouched].any() and not v_buf[untouched].any()
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        sgl_kernel.rope_kv_store(qkv, rows.cos32, rows.sin32, loc + 50, k_buf, v_buf, h, hkv)
+
+
 def run_all() -> None:
     for dtype in (torch.float32, torch.bfloat16):
+        check_rope_store(dtype)
         check_norms(dtype)
         check_decode(dtype)
         check_extend(dtype)
@@ -154,6 +182,11 @@ def test_decode_attention_reads_the_pool_in_place(dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_extend_attention_is_causal_over_prefix_and_new_tokens(dtype) -> None:
     check_extend(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_fused_with_the_kv_store(dtype) -> None:
+    check_rope_store(dtype)
 
 
 def test_one_long_stream_uses_every_thread_and_still_matches() -> None:

@@ -30,7 +30,17 @@ class ServerArgs:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16."},
+        metadata={
+            "help": "auto (bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else "
+            "float32), float32, bfloat16, float16."
+        },
+    )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Quantized weights (CPU, needs sgl_kernel): int8 (weight-only, per "
+            "channel) or gguf (a .gguf model's Q4_0/Q4_1/Q8_0 blocks used as they are)."
+        },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     max_model_len: int | None = field(
@@ -135,6 +145,11 @@ class ServerArgs:
                 self.dtype in ("auto", "float32", "bfloat16", "float16"),
                 "one of auto, float32, bfloat16, float16",
             ),
+            (
+                "quantization",
+                self.quantization in (None, "int8", "gguf"),
+                "one of int8, gguf (or unset)",
+            ),
             ("device", self.device in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
             (
                 "schedule_policy",
@@ -169,7 +184,11 @@ class ServerArgs:
         import torch
 
         if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device == "cuda" else torch.float32
+            if self.resolved_device == "cuda":
+                return torch.bfloat16
+            from lmprog.runtime.cpu_dtype import auto_cpu_dtype
+
+            return auto_cpu_dtype()
         return getattr(torch, self.dtype)
 
     @property

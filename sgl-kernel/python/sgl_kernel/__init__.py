@@ -14,8 +14,10 @@ import torch
 
 from sgl_kernel import _C
 from sgl_kernel.attention import decode_attention, extend_attention
+from sgl_kernel.gguf import gguf_linear, gguf_pack
 from sgl_kernel.norm import fused_add_rmsnorm, rmsnorm, silu_and_mul
 from sgl_kernel.quant import int8_linear, int8_pack, quantize_int8_per_channel
+from sgl_kernel.rope import rope_kv_store
 
 __all__ = [
     "cpu_isa",
@@ -23,11 +25,14 @@ __all__ = [
     "detected_isa",
     "extend_attention",
     "fused_add_rmsnorm",
+    "gguf_linear",
+    "gguf_pack",
     "has_avx512_vnni",
     "int8_linear",
     "int8_pack",
     "quantize_int8_per_channel",
     "rmsnorm",
+    "rope_kv_store",
     "silu_and_mul",
 ]
 __version__ = "0.1.0"

@@ -21,8 +21,33 @@ def logits_rows(forward_batch: ForwardBatch) -> torch.Tensor:
     return forward_batch.last_token_indices()
 
 
+class TiedLMHead(nn.Module):
+    """The LM head of a model with tied embeddings: projects with the embedding's table.
+
+    The embedding is held by reference, not registered as a submodule, so its weight is named
+    (and loaded) once, under the embedding. Quantization replaces this module with a quantized
+    copy of the table while the embedding keeps its float rows for lookups.
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple hides it from nn.Module's registration
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
+    @property
+    def bias(self) -> None:
+        return None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return fast_linear(hidden, self.weight)
+
+
 class LogitsProcessor(nn.Module):
-    """Selects rows, projects with the LM head weight ([vocab, hidden]; the embedding when tied).
+    """Selects rows, projects them with the LM head module (a linear layer of [vocab, hidden],
+    `TiedLMHead` when the embedding is tied, or their quantized replacements).
 
     Output: float32 [rows, vocab_size]. A padded vocabulary (checkpoints that round the
     embedding up to a multiple of 64/128) is cut back to `vocab_size`.
@@ -33,11 +58,11 @@ class LogitsProcessor(nn.Module):
         self.vocab_size = vocab_size
 
     def forward(
-        self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, forward_batch: ForwardBatch
+        self, hidden: torch.Tensor, lm_head: nn.Module, forward_batch: ForwardBatch
     ) -> torch.Tensor:
         # The gather costs rows x hidden floats: noise next to the [rows, vocab] matmul.
         hidden = hidden[logits_rows(forward_batch)]
-        logits = fast_linear(hidden, lm_head_weight)
+        logits = lm_head(hidden)
         if logits.shape[-1] != self.vocab_size:
             logits = logits[:, : self.vocab_size]
         return logits.float()

@@ -19,6 +19,7 @@ that read them; it cannot be exact under a prefix cache.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -86,6 +87,18 @@ def _llama3_inv_freq(
     return torch.where(is_medium, smoothed, scaled)
 
 
+@dataclass(frozen=True)
+class RopeRows:
+    """The cos/sin rows of one step's positions, looked up once and used by every layer:
+    `cos32`/`sin32` float32 [T, D/2] (what the fused kernel takes) and `cos`/`sin` in the
+    activation dtype, [T, 1, D/2] to broadcast over heads (what `RotaryEmbedding.apply` takes)."""
+
+    cos32: torch.Tensor
+    sin32: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE over the full head dimension, with a lazily grown cos/sin table.
 
@@ -121,9 +134,13 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin rows for `positions` [T]: each [T, 1, head_dim / 2], broadcast over heads."""
-        cos = self.cos_cache[positions].to(dtype)
-        sin = self.sin_cache[positions].to(dtype)
-        return cos[:, None, :], sin[:, None, :]
+        rows = self.rows(positions, dtype)
+        return rows.cos, rows.sin
+
+    def rows(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeRows:
+        """Both forms of the rows for `positions` [T] (see RopeRows)."""
+        cos32, sin32 = self.cos_cache[positions], self.sin_cache[positions]
+        return RopeRows(cos32, sin32, cos32.to(dtype)[:, None, :], sin32.to(dtype)[:, None, :])
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

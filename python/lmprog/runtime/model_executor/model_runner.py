@@ -10,6 +10,7 @@ import torch
 from lmprog.runtime.layers.attention import create_attention_backend
 from lmprog.runtime.layers.attention.registry import resolve_backend_name
 from lmprog.runtime.layers.cpu_kernels import cpu_path
+from lmprog.runtime.layers.quantization import quantize_model
 from lmprog.runtime.mem_cache.allocator import TokenToKVPoolAllocator
 from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPool
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch
@@ -70,6 +71,12 @@ class ModelRunner:
             model = cls(self.config)
         model = model.to(dtype=self.dtype)
         model.load_weights(self.loaded.weights())
+        method = self.server_args.quantization
+        if method is not None:
+            if self.device.type != "cpu":
+                raise ValueError(f"quantization {method!r} runs on CPU only (sgl_kernel's ops)")
+            done = quantize_model(model, method, self.loaded)
+            logger.info("quantization %s: %d linear layers", method, len(done))
         return model.eval()
 
     @property

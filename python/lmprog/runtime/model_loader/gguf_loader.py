@@ -4,7 +4,9 @@ What is cached (see cache.py), and why:
   - the config (configs/<key>.json): building it needs `gguf.GGUFReader`, which spends ~4-6 s
     parsing the 49k-entry tokenizer arrays of the metadata even though the config needs none;
   - the weights (weights/<key>-<dtype>.safetensors): dequantizing Q4_1 costs ~2 s for 135M
-    parameters, plus the reader; a cached load is a memory-mapped read.
+    parameters, plus the reader; a cached load is a memory-mapped read;
+  - the quantized tensors' raw blocks (weights/<key>-blocks.safetensors, uint8 rows, their ggml
+    types in the header's metadata) for `--quantization gguf`, which computes from the blocks.
 On a warm cache the GGUF file is only hashed, never parsed.
 
 Supported llama.cpp architectures are listed in `GGUF_ARCHS`; each maps onto an HF architecture
@@ -23,11 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from lmprog.runtime.model_loader.cache import atomic_write_text, cache_dir, file_key
-from lmprog.runtime.model_loader.safetensors_io import is_readable, read_tensors, write_through
+from lmprog.runtime.model_loader.safetensors_io import (
+    is_readable,
+    read_metadata,
+    read_tensors,
+    write_through,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -69,6 +76,17 @@ _BLOCK_TENSORS = {
 }
 
 
+@dataclass(frozen=True)
+class GGUFBlocks:
+    """One quantized weight as the file stores it: `raw` uint8 [rows, bytes per row], each row
+    its K / block_size blocks of ggml type `qtype` (ggml's GGMLQuantizationType value), rows in
+    HF's order (llama.cpp's Q/K permutation undone: blocks run along K, so rows move whole)."""
+
+    qtype: int
+    raw: torch.Tensor
+    shape: tuple[int, int]  # (N, K) of the weight it encodes
+
+
 class GGUFCheckpoint:
     """One GGUF file; the file is parsed only when a cache entry is missing."""
 
@@ -104,6 +122,50 @@ class GGUFCheckpoint:
         specs = [(hf_tensor_name(t.name), _torch_shape(t)) for t in self.reader.tensors]
         tensors = dequantized_tensors(self.reader, config, dtype)
         yield from write_through(cached, specs, dtype, tensors)
+
+
+    def blocks(self) -> dict[str, GGUFBlocks]:
+        """Every quantized tensor (not F32/F16/BF16) as raw blocks, by HF name: from the cache,
+        or read from the file while filling the cache."""
+        cached = cache_dir() / "weights" / f"{self.key}-blocks.safetensors"
+        if cached.exists() and is_readable(cached):
+            return _blocks_from(read_tensors(cached), read_metadata(cached))
+        config = self.config()
+        arch = _arch(_Metadata(self.reader).require("general.architecture"))
+        quantized = [t for t in self.reader.tensors if t.tensor_type not in _FLOAT_TYPES]
+        specs = [(hf_tensor_name(t.name), tuple(t.data.shape)) for t in quantized]
+        meta = {hf_tensor_name(t.name): _block_meta(t) for t in quantized}
+
+        def rows() -> Iterator[tuple[str, torch.Tensor]]:
+            for t in quantized:
+                raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))
+                if arch.permute_qk and ".attn_q." in t.name:
+                    raw = unpermute_qk(raw, config.num_attention_heads)
+                elif arch.permute_qk and ".attn_k." in t.name:
+                    raw = unpermute_qk(raw, config.num_key_value_heads)
+                yield hf_tensor_name(t.name), raw.contiguous()
+
+        stream = write_through(cached, specs, torch.uint8, rows(), metadata=meta)
+        return _blocks_from(stream, meta)
+
+
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def _block_meta(t: ReaderTensor) -> str:
+    """'qtype,N,K' for the cache header."""
+    n, k = _torch_shape(t)
+    return f"{int(t.tensor_type)},{n},{k}"
+
+
+def _blocks_from(
+    tensors: Iterator[tuple[str, torch.Tensor]], meta: dict[str, str]
+) -> dict[str, GGUFBlocks]:
+    out = {}
+    for name, raw in tensors:
+        qtype, n, k = (int(v) for v in meta[name].split(","))
+        out[name] = GGUFBlocks(qtype, raw, (n, k))
+    return out
 
 
 def config_from_gguf(reader: GGUFReader) -> PretrainedConfig:

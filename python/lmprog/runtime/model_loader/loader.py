@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmprog.runtime.model_loader.folder_loader import folder_weights
-from lmprog.runtime.model_loader.gguf_loader import GGUFCheckpoint
+from lmprog.runtime.model_loader.gguf_loader import GGUFBlocks, GGUFCheckpoint
 from lmprog.runtime.model_loader.resolve import ModelSource, resolve_model
 from lmprog.runtime.model_loader.safetensors_io import SAFETENSORS_DTYPES
 from lmprog.runtime.model_loader.tokenizer_cache import load_tokenizer
@@ -29,6 +29,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase  # fast; chat_template set when the model has one
     dtype: torch.dtype  # the dtype `weights()` yields floating tensors in
     _stream: Callable[[], WeightStream] = field(repr=False)
+    _blocks: Callable[[], dict[str, GGUFBlocks]] | None = field(default=None, repr=False)
 
     def weights(self) -> WeightStream:
         """Yield (HF parameter name, tensor) pairs, one tensor in memory at a time.
@@ -37,6 +38,12 @@ class LoadedModel:
         when the checkpoint stores it (untied embeddings). Each call starts a fresh stream.
         """
         return self._stream()
+
+    def gguf_blocks(self) -> dict[str, GGUFBlocks]:
+        """A .gguf model's quantized tensors as their raw blocks, by HF name."""
+        if self._blocks is None:
+            raise ValueError(f"{self.source.path} is not a .gguf file: it has no quantized blocks")
+        return self._blocks()
 
 
 def load_model(spec: str, dtype: torch.dtype) -> LoadedModel:
@@ -52,6 +59,7 @@ def load_model(spec: str, dtype: torch.dtype) -> LoadedModel:
         def stream() -> WeightStream:
             return checkpoint.weights(dtype)
 
+        blocks = checkpoint.blocks
     else:
         from transformers import AutoConfig
 
@@ -60,4 +68,5 @@ def load_model(spec: str, dtype: torch.dtype) -> LoadedModel:
         def stream() -> WeightStream:
             return folder_weights(source.path, dtype)
 
-    return LoadedModel(source, config, load_tokenizer(source), dtype, stream)
+        blocks = None
+    return LoadedModel(source, config, load_tokenizer(source), dtype, stream, blocks)

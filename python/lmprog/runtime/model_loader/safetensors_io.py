@@ -32,6 +32,9 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
 }
 
+# Every dtype these files hold: the loadable ones, plus raw bytes (GGUF's quantized blocks).
+STORED_DTYPES: dict[torch.dtype, str] = {**SAFETENSORS_DTYPES, torch.uint8: "U8"}
+
 TensorSpec = tuple[str, tuple[int, ...]]  # (name, shape)
 
 
@@ -41,6 +44,12 @@ def read_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tens
         names = f.offset_keys() if hasattr(f, "offset_keys") else f.keys()
         for name in names:
             yield name, f.get_tensor(name)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The file's `__metadata__` (string to string; empty when it has none)."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def is_readable(path: str | os.PathLike[str]) -> bool:
@@ -58,15 +67,16 @@ def write_through(
     specs: list[TensorSpec],
     dtype: torch.dtype,
     tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `tensors` unchanged while writing them to `final`, which appears only when complete.
 
     `specs` lists every tensor's name and shape in the order `tensors` produces them; each tensor
-    is checked against it. If the consumer stops early or anything raises, the temporary file is
-    removed and `final` is left untouched.
+    is checked against it. `metadata` goes into the header's `__metadata__`. If the consumer
+    stops early or anything raises, the temporary file is removed and `final` is left untouched.
     """
     assert sys.byteorder == "little", "safetensors stores little-endian data"
-    header = _header(specs, dtype)
+    header = _header(specs, dtype, metadata or {})
     tmp = temp_path_beside(final)
     published = False
     try:
@@ -87,14 +97,14 @@ def write_through(
             tmp.unlink(missing_ok=True)
 
 
-def _header(specs: list[TensorSpec], dtype: torch.dtype) -> bytes:
+def _header(specs: list[TensorSpec], dtype: torch.dtype, metadata: dict[str, str]) -> bytes:
     itemsize = torch.empty((), dtype=dtype).element_size()
-    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    entries: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
     offset = 0
     for name, shape in specs:
         nbytes = itemsize * _numel(shape)
         entries[name] = {
-            "dtype": SAFETENSORS_DTYPES[dtype],
+            "dtype": STORED_DTYPES[dtype],
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }

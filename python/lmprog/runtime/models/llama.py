@@ -35,9 +35,10 @@ from lmprog.runtime.layers.activation import SiluAndMul
 from lmprog.runtime.layers.attention.base import RadixAttention
 from lmprog.runtime.layers.layernorm import RMSNorm
 from lmprog.runtime.layers.linear import linear, uninitialized
-from lmprog.runtime.layers.logits_processor import LogitsProcessor
-from lmprog.runtime.layers.rotary import RotaryEmbedding, rope_parameters
-from lmprog.runtime.model_executor.forward_batch import ForwardBatch
+from lmprog.runtime.layers.logits_processor import LogitsProcessor, TiedLMHead
+from lmprog.runtime.layers.cpu_kernels import kernels_for
+from lmprog.runtime.layers.rotary import RopeRows, RotaryEmbedding, rope_parameters
+from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 from lmprog.runtime.models.weight_loading import Target, expected_keys, load_named_weights
 
 logger = logging.getLogger(__name__)
@@ -80,23 +81,42 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         self.attn = RadixAttention(layer_id, self.num_heads, self.head_dim, self.num_kv_heads)
 
-    def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: RopeRows, fb: ForwardBatch) -> torch.Tensor:
         t, h, hkv, d = hidden.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) * D]: q heads, then k heads, then v heads
         v = qkv[:, self.q_size + self.kv_size :].view(t, hkv, d)
         if self.qk_norm:
             q = self.q_norm(qkv[:, : self.q_size].view(t, h, d))
             k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size].view(t, hkv, d))
-            q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
-        else:
-            # q and k heads are adjacent in each row: rotate them in one pass.
-            qk = RotaryEmbedding.apply(
-                qkv[:, : self.q_size + self.kv_size].view(t, h + hkv, d), cos, sin
-            )
-            q, k = qk[:, :h], qk[:, h:]
-        return self.o_proj(self.attn(q, k, v, fb))
+            q = RotaryEmbedding.apply(q, rope.cos, rope.sin)
+            k = RotaryEmbedding.apply(k, rope.cos, rope.sin)
+            return self.o_proj(self.attn(q, k, v, fb))
+        fused = self._fused_rope_store(qkv, rope, fb)
+        if fused is not None:
+            q, k = fused
+            return self.o_proj(self.attn(q, k, v, fb, save_kv_cache=False))
+        # q and k heads are adjacent in each row: rotate them in one pass.
+        qk = RotaryEmbedding.apply(
+            qkv[:, : self.q_size + self.kv_size].view(t, h + hkv, d), rope.cos, rope.sin
+        )
+        return self.o_proj(self.attn(qk[:, :h], qk[:, h:], v, fb))
+
+    def _fused_rope_store(
+        self, qkv: torch.Tensor, rope: RopeRows, fb: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotated (q, k) with k and v already written to the pool by sgl_kernel's fused op;
+        None where the op does not apply (no kernels, encode mode, a pool in another dtype)."""
+        kernels = kernels_for(qkv)
+        pool = fb.token_to_kv_pool
+        if kernels is None or pool is None or fb.forward_mode is ForwardMode.ENCODE:
+            return None
+        k_buf, v_buf = pool.get_kv_buffer(self.attn.layer_id)
+        if k_buf.dtype != qkv.dtype:
+            return None
+        return kernels.rope_kv_store(
+            qkv, rope.cos32, rope.sin32, fb.out_cache_loc, k_buf, v_buf, self.num_heads,
+            self.num_kv_heads,
+        )
 
 
 class LlamaMLP(nn.Module):
@@ -126,8 +146,7 @@ class LlamaDecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeRows,
         fb: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sublayer output, residual stream) -> the same after this layer (residual not yet added).
@@ -138,7 +157,7 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, fb)
+        hidden = self.self_attn(hidden, rope, fb)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -161,10 +180,10 @@ class LlamaModel(nn.Module):
         """[T] token ids -> [T, hidden] final-normed hidden states; writes every layer's KV."""
         self.rotary_emb.ensure(max(fb.seq_lens_cpu))
         hidden = self.embed_tokens(fb.input_ids)
-        cos, sin = self.rotary_emb.cos_sin(fb.positions, hidden.dtype)
+        rope = self.rotary_emb.rows(fb.positions, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, fb)
+            hidden, residual = layer(hidden, residual, rope, fb)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -188,21 +207,26 @@ class LlamaForCausalLM(nn.Module):
         self.max_context_len: int = config.max_position_embeddings
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.model = LlamaModel(config, dtype)
-        if not self.tie_word_embeddings:
+        if self.tie_word_embeddings:
+            self.lm_head: nn.Module = TiedLMHead(self.model.embed_tokens)
+        else:
             self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtype)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.requires_grad_(False)
         self._warn_sliding_window(config)
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        if self.tie_word_embeddings:
-            return self.model.embed_tokens.weight
-        return self.lm_head.weight
-
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
         hidden = self.model(forward_batch)
-        return self.logits_processor(hidden, self.lm_head_weight, forward_batch)
+        return self.logits_processor(hidden, self.lm_head, forward_batch)
+
+    def checkpoint_names(self, module: str) -> list[str]:
+        """The HF weights whose rows, in order, make up linear layer `module`'s weight
+        ('model.layers.0.self_attn.qkv_proj' -> its q_proj, k_proj, v_proj weights)."""
+        if module == "lm_head":
+            return ["model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"]
+        parent, _, leaf = module.rpartition(".")
+        parts = [theirs for fused, theirs, _ in STACKED_PARAMS if fused == leaf]
+        return [f"{parent}.{part}.weight" for part in parts or [leaf]]
 
     def _shard_rows(self, fused: str, shard: str) -> slice:
         """Rows of a fused weight that one HF weight fills (see STACKED_PARAMS)."""

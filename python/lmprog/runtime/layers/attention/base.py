@@ -4,13 +4,16 @@ A backend owns how attention reads and writes the paged KV pool. Per step, the m
 `init_forward_metadata(forward_batch)` once (index tables, masks: work shared by all layers), then
 every attention layer calls `forward`, which dispatches on the batch's mode:
 
-- extend: write the new tokens' K/V into `out_cache_loc`, then attend causally over the cached
-  prefix plus the new tokens (prefill is extend with an empty prefix);
+- extend: attend causally over the cached prefix plus the new tokens (prefill is extend with
+  an empty prefix);
 - decode: the same with one new token per request;
 - encode: non-causal attention within each sequence over the given K/V only; nothing is cached.
 
-Inputs are `q` [T, num_heads, head_dim] and `k`, `v` [T, num_kv_heads, head_dim] for the T new
-tokens; the output is [T, num_heads * head_dim] in the same token order.
+Before extend and decode, `forward` writes the new tokens' K/V into the pool at `out_cache_loc`
+(unless the caller already has: `save_kv_cache=False`, after a fused rotary + store), so the
+mode methods find every key of the step in the pool. Inputs are `q` [T, num_heads, head_dim] and
+`k`, `v` [T, num_kv_heads, head_dim] for the T new tokens; the output is
+[T, num_heads * head_dim] in the same token order.
 """
 
 from __future__ import annotations
@@ -67,8 +70,13 @@ class AttentionBackend(ABC):
         v: torch.Tensor,
         layer: RadixAttention,
         forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
     ) -> torch.Tensor:
         mode = forward_batch.forward_mode
+        if save_kv_cache and mode is not ForwardMode.ENCODE:
+            pool = forward_batch.token_to_kv_pool
+            assert pool is not None, "ForwardBatch has no KV pool"
+            pool.set_kv_buffer(layer.layer_id, forward_batch.out_cache_loc, k, v)
         if mode is ForwardMode.DECODE:
             return self.forward_decode(q, k, v, layer, forward_batch)
         if mode is ForwardMode.EXTEND:
@@ -98,11 +106,17 @@ class RadixAttention(nn.Module):
         self.scaling = scaling if scaling is not None else head_dim**-0.5
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch: ForwardBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
     ) -> torch.Tensor:
+        """`save_kv_cache=False`: the new tokens' K/V are already in the pool."""
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.v_head_dim)
         backend = forward_batch.attn_backend
         assert backend is not None, "ForwardBatch has no attention backend"
-        return backend.forward(q, k, v, self, forward_batch)
+        return backend.forward(q, k, v, self, forward_batch, save_kv_cache)

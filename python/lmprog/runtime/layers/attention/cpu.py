@@ -85,11 +85,10 @@ class CpuAttnBackend(TorchNativeAttnBackend):
         fb: ForwardBatch,
         *extra: torch.Tensor,
     ) -> torch.Tensor:
-        """Writes the new tokens' K/V into the pool, then runs `kernel` over this layer's
-        buffers in place; returns [T, num_heads * v_head_dim]."""
+        """Runs `kernel` over this layer's pool buffers in place (the new tokens' K/V are
+        already there); returns [T, num_heads * v_head_dim]."""
         pool = fb.token_to_kv_pool
         assert pool is not None and fb.req_to_token_pool is not None
-        pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc, k, v)
         k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
         out = q.new_empty((q.shape[0], layer.num_heads, layer.v_head_dim))
         rows = fb.req_to_token_pool.req_to_token

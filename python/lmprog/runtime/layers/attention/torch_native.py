@@ -161,8 +161,6 @@ class TorchNativeAttnBackend(AttentionBackend):
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         fb, md = forward_batch, forward_batch.attn_metadata
-        assert fb.token_to_kv_pool is not None
-        fb.token_to_kv_pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc, k, v)
         if md.causal:  # nothing cached before this step: the new k/v are all the keys
             return self._attend(q, k, v, layer, md, is_causal=True)
         keys, values = self._gather_kv(layer, fb, md)
@@ -216,8 +214,6 @@ class TorchNativeAttnBackend(AttentionBackend):
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
         fb, md = forward_batch, forward_batch.attn_metadata
-        assert fb.token_to_kv_pool is not None
-        fb.token_to_kv_pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc, k, v)
         keys, values = self._gather_kv(layer, fb, md)  # [B, Hkv, L, D] strided views
         b = keys.shape[0]
         # SDPA's CPU kernel reads the gathered K/V through their strides (no transpose copy)

@@ -6,9 +6,8 @@ activations to 8 bits on the fly, to use integer dot products (4x the multiply-a
 per instruction); the error that adds is measured in sgl-kernel's tests and benchmarks.
 
 Layers are quantized after the float checkpoint is loaded: `quantize_linear_layers(model)` swaps
-every `nn.Linear` (lmprog's `FastLinear` included) for an `Int8Linear`, dropping the float
-weight. A tied LM head is not an `nn.Linear`; `Int8Linear.from_float(embedding.weight)` makes one
-while the embedding keeps its float table for lookups.
+every `nn.Linear` (lmprog's `FastLinear` included) and tied LM head for an `Int8Linear`, dropping
+the float weight (a tied head's table stays with the embedding, for lookups).
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from types import ModuleType
 
 import torch
 from torch import nn
+
+from lmprog.runtime.layers.quantization import linear_layers, replace_module
 
 
 def kernel_ops() -> ModuleType:
@@ -78,15 +79,9 @@ class Int8Linear(nn.Module):
 def quantize_linear_layers(
     model: nn.Module, skip: Callable[[str], bool] | None = None
 ) -> list[str]:
-    """Swaps each `nn.Linear` inside `model` for an `Int8Linear`, in place, except those whose
-    qualified name `skip` returns True for; returns the names of the swapped layers."""
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and isinstance(module, nn.Linear) and not (skip and skip(name))
-    ]
+    """Swaps each linear layer inside `model` (see `linear_layers`) for an `Int8Linear`, in
+    place, except those whose qualified name `skip` returns True for; returns their names."""
+    targets = linear_layers(model, skip)
     for name, module in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attr, Int8Linear.from_float(module.weight, module.bias))
+        replace_module(model, name, Int8Linear.from_float(module.weight, module.bias))
     return [name for name, _ in targets]
