@@ -139,7 +139,9 @@ class RotaryEmbedding(nn.Module):
 
     def rows(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeRows:
         """Both forms of the rows for `positions` [T] (see RopeRows)."""
-        cos32, sin32 = self.cos_cache[positions], self.sin_cache[positions]
+        # .float(): a bf16 model's `.to(dtype)` casts the tables too; a bf16-rounded cos rounds
+        # to the same bf16 value again, so either table gives the reference's numbers.
+        cos32, sin32 = self.cos_cache[positions].float(), self.sin_cache[positions].float()
         return RopeRows(cos32, sin32, cos32.to(dtype)[:, None, :], sin32.to(dtype)[:, None, :])
 
     @staticmethod
