@@ -123,7 +123,6 @@ class GGUFCheckpoint:
         tensors = dequantized_tensors(self.reader, config, dtype)
         yield from write_through(cached, specs, dtype, tensors)
 
-
     def blocks(self) -> dict[str, GGUFBlocks]:
         """Every quantized tensor (not F32/F16/BF16) as raw blocks, by HF name: from the cache,
         or read from the file while filling the cache."""

@@ -33,10 +33,10 @@ from torch import nn
 
 from lmprog.runtime.layers.activation import SiluAndMul
 from lmprog.runtime.layers.attention.base import RadixAttention
+from lmprog.runtime.layers.cpu_kernels import kernels_for
 from lmprog.runtime.layers.layernorm import RMSNorm
 from lmprog.runtime.layers.linear import linear, uninitialized
 from lmprog.runtime.layers.logits_processor import LogitsProcessor, TiedLMHead
-from lmprog.runtime.layers.cpu_kernels import kernels_for
 from lmprog.runtime.layers.rotary import RopeRows, RotaryEmbedding, rope_parameters
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 from lmprog.runtime.models.weight_loading import Target, expected_keys, load_named_weights
@@ -114,7 +114,13 @@ class LlamaAttention(nn.Module):
         if k_buf.dtype != qkv.dtype:
             return None
         return kernels.rope_kv_store(
-            qkv, rope.cos32, rope.sin32, fb.out_cache_loc, k_buf, v_buf, self.num_heads,
+            qkv,
+            rope.cos32,
+            rope.sin32,
+            fb.out_cache_loc,
+            k_buf,
+            v_buf,
+            self.num_heads,
             self.num_kv_heads,
         )
 

@@ -36,9 +36,7 @@ def linear_layers(
     return [
         (name, module)
         for name, module in model.named_modules()
-        if name
-        and isinstance(module, (nn.Linear, TiedLMHead))
-        and not (skip and skip(name))
+        if name and isinstance(module, (nn.Linear, TiedLMHead)) and not (skip and skip(name))
     ]
 
 
