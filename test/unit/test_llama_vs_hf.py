@@ -18,8 +18,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmprog.runtime.layers.attention import RadixAttention, create_attention_backend
+from lmprog.runtime.layers.cpu_kernels import cpu_kernels
 from lmprog.runtime.layers.layernorm import RMSNorm
 from lmprog.runtime.layers.logits_processor import fast_linear
+from lmprog.runtime.layers.quantization import quantize_model
 from lmprog.runtime.layers.rotary import RotaryEmbedding, rope_parameters
 from lmprog.runtime.mem_cache.allocator import TokenToKVPoolAllocator
 from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPool
@@ -105,7 +107,13 @@ def tokens(n: int, seed: int) -> list[int]:
 class PagedRunner:
     """Drives a model as the scheduler will: request slots, paged KV slots, one batch per step."""
 
-    def __init__(self, model: LlamaForCausalLM, page_size: int = 1, kv_size: int = 1024) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        page_size: int = 1,
+        kv_size: int = 1024,
+        backend: str = "torch_native",
+    ) -> None:
         self.model = model
         self.req_pool = ReqToTokenPool(8, 256, CPU)
         self.kv_pool = TokenToKVPool(
@@ -118,7 +126,7 @@ class PagedRunner:
             CPU,
         )
         self.allocator = TokenToKVPoolAllocator(kv_size, page_size)
-        self.backend = create_attention_backend("torch_native")
+        self.backend = create_attention_backend(backend)
         self.lens: dict[int, int] = {}
 
     def new_request(self) -> int:
@@ -248,6 +256,48 @@ def test_default_logits_rows_are_last_tokens(
         last = ours(fb)
     assert last.shape == (2, VOCAB)
     assert max_diff(last, full[[4, 11]]) < 1e-5
+
+
+def _decode_rows(model: LlamaForCausalLM, ids: list[int], backend: str) -> torch.Tensor:
+    """Logits of `ids`: a 3-token prefill, then one decode step per token, 2 requests batched
+    (the second on a shifted copy) over page_size 4."""
+    runner = PagedRunner(model, page_size=4, backend=backend)
+    a, b = runner.new_request(), runner.new_request()
+    other = [(t + 7) % VOCAB for t in ids]
+    rows = runner.step(EXTEND, [(a, ids[:3]), (b, other[:3])])[:1]
+    for t, u in zip(ids[3:], other[3:]):
+        rows.append(runner.step(DECODE, [(a, [t]), (b, [u])])[0])
+    return torch.cat(rows)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="needs sgl_kernel (the cpu backend)")
+def test_decode_stack_matches_hf_and_the_modules(
+    models: tuple[torch.nn.Module, LlamaForCausalLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cpu backend's decode steps run every layer in sgl_kernel's C++ DecodeStack (all but
+    qwen3, whose per-head q/k norms it does not express): same logits as HF and as the modules."""
+    hf, ours = models
+    stack = ours.model.decode_stack()
+    assert (stack is None) == ours.model.layers[0].self_attn.qk_norm
+    ids = tokens(24, seed=2)
+    got = _decode_rows(ours, ids, "cpu")
+    assert max_diff(got, hf_logits(hf, ids)) < TOL
+    monkeypatch.setattr(ours.model, "_stack", (None,))  # the module path, same backend
+    assert max_diff(got, _decode_rows(ours, ids, "cpu")) < 1e-5
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="needs sgl_kernel (the cpu backend)")
+def test_decode_stack_runs_int8_layers_as_the_modules_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**SMALL, attention_bias=True)
+    model = LlamaForCausalLM(config)
+    model.load_weights(_hf_state(config).items())
+    assert len(quantize_model(model, "int8")) == 9  # 4 per layer and the LM head
+    assert model.model.decode_stack() is not None
+    ids = tokens(12, seed=5)
+    got = _decode_rows(model, ids, "cpu")
+    monkeypatch.setattr(model.model, "_stack", (None,))
+    assert max_diff(got, _decode_rows(model, ids, "cpu")) < 1e-5
 
 
 # ---------------------------------------------------------------- loading, registry, rope

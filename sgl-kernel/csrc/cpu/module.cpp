@@ -4,10 +4,15 @@
 
 #include "isa.h"
 
+namespace sgl_kernel {
+void register_decode_stack(pybind11::module& m);  // decode_stack.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return sgl_kernel::isa_name(sgl_kernel::cpu_isa()); },
         "The ISA the kernels use (LMPROG_CPU_ISA may lower it): amx, avx512, avx2 or scalar.");
   m.def("detected_isa", [] { return sgl_kernel::isa_name(sgl_kernel::detected_isa()); },
         "The best ISA the CPU and OS offer.");
   m.def("has_avx512_vnni", &sgl_kernel::has_avx512_vnni);
+  sgl_kernel::register_decode_stack(m);
 }

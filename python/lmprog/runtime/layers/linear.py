@@ -11,7 +11,7 @@ from torch import nn
 
 
 @functools.cache
-def _onednn_linear_ok() -> bool:
+def onednn_linear_ok() -> bool:
     """Whether oneDNN's fp32 linear op is present here and agrees with F.linear."""
     if not torch.backends.mkldnn.is_available():
         return False
@@ -42,7 +42,7 @@ def fast_linear(
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and not x.requires_grad
-        and _onednn_linear_ok()
+        and onednn_linear_ok()
     ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -34,6 +34,7 @@ from torch import nn
 from lmprog.runtime.layers.activation import SiluAndMul
 from lmprog.runtime.layers.attention.base import RadixAttention
 from lmprog.runtime.layers.cpu_kernels import kernels_for
+from lmprog.runtime.layers.decode_stack import DecodeStack, stack_enabled
 from lmprog.runtime.layers.layernorm import RMSNorm
 from lmprog.runtime.layers.linear import linear, uninitialized
 from lmprog.runtime.layers.logits_processor import LogitsProcessor, TiedLMHead
@@ -181,12 +182,23 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             _head_dim(config), config.max_position_embeddings, rope_parameters(config)
         )
+        self._stack: tuple[DecodeStack | None] | None = None  # built on the first forward
+
+    def decode_stack(self) -> DecodeStack | None:
+        """The C++ stack of these layers for decode steps (layers/decode_stack.py), built once
+        on first use, after loading and quantization; None where it does not apply."""
+        if self._stack is None:
+            self._stack = (DecodeStack.build(self) if stack_enabled() else None,)
+        return self._stack[0]
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """[T] token ids -> [T, hidden] final-normed hidden states; writes every layer's KV."""
         self.rotary_emb.ensure(max(fb.seq_lens_cpu))
         hidden = self.embed_tokens(fb.input_ids)
         rope = self.rotary_emb.rows(fb.positions, hidden.dtype)
+        stack = self.decode_stack() if fb.forward_mode.is_decode else None
+        if stack is not None and stack.applies(hidden, fb):
+            return stack.forward(hidden, rope, fb)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, fb)
