@@ -14,7 +14,8 @@
 //   the last add + rmsnorm uses the final norm's weight; x is returned.
 //
 // A linear layer is dense (float weight: oneDNN's fp32 linear, as lmprog's fast_linear, or
-// at::linear), int8 (int8_linear's packed weight and scales) or gguf (gguf_linear's blocks).
+// at::linear), int8 (int8_linear's packed weight and scales), gguf (gguf_linear's blocks) or
+// packed bf16 (bf16_linear).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
@@ -32,14 +33,14 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-enum LinearKind : int64_t { kDense = 0, kDenseOneDnn = 1, kInt8 = 2, kGguf = 3 };
+enum LinearKind : int64_t { kDense = 0, kDenseOneDnn = 1, kInt8 = 2, kGguf = 3, kBf16 = 4 };
 
 struct Linear {
   int64_t kind;
-  at::Tensor weight;  // dense [N, K]; int8: packed; gguf: packed blocks
+  at::Tensor weight;  // dense [N, K]; int8, bf16: packed; gguf: packed blocks
   at::Tensor scales;  // int8 only
   std::optional<at::Tensor> bias;
-  int64_t qtype, n, k;  // gguf only
+  int64_t qtype, n, k;  // gguf; n for bf16
 };
 
 struct Layer {
@@ -138,6 +139,8 @@ class DecodeStack {
     using GgufSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
                                const Opt&);
     c10::TypedOperatorHandle<GgufSig> gguf_linear = find_op<GgufSig>("sgl_kernel::gguf_linear");
+    using Bf16Sig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const Opt&);
+    c10::TypedOperatorHandle<Bf16Sig> bf16_linear = find_op<Bf16Sig>("sgl_kernel::bf16_linear");
     // oneDNN's fp32 linear (what lmprog's fast_linear calls), through its boxed schema.
     c10::OperatorHandle onednn_linear =
         c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -149,6 +152,8 @@ class DecodeStack {
         return ops_.int8_linear.call(x, l.weight, l.scales, l.bias);
       case kGguf:
         return ops_.gguf_linear.call(x, l.weight, l.qtype, l.n, l.k, l.bias);
+      case kBf16:
+        return ops_.bf16_linear.call(x, l.weight, l.n, l.bias);
       case kDenseOneDnn: {
         torch::jit::Stack stack{x, l.weight, l.bias, std::string("none"),
                                 c10::List<std::optional<at::Scalar>>(), std::string("")};
@@ -169,7 +174,7 @@ class DecodeStack {
 
 Linear make_linear(int64_t kind, at::Tensor weight, Opt scales, Opt bias, int64_t qtype,
                    int64_t n, int64_t k) {
-  TORCH_CHECK(kind >= kDense && kind <= kGguf, "unknown linear kind ", kind);
+  TORCH_CHECK(kind >= kDense && kind <= kBf16, "unknown linear kind ", kind);
   TORCH_CHECK(kind != kInt8 || scales.has_value(), "an int8 linear needs its scales");
   return Linear{kind, std::move(weight), scales.value_or(at::Tensor()), std::move(bias), qtype, n, k};
 }
@@ -182,7 +187,8 @@ void register_decode_stack(pybind11::module& m) {
   m.def("stack_linear", &make_linear, py::arg("kind"), py::arg("weight"), py::arg("scales"),
         py::arg("bias"), py::arg("qtype") = 0, py::arg("n") = 0, py::arg("k") = 0,
         "A linear layer of a DecodeStack: kind 0 dense (at::linear), 1 dense through oneDNN "
-        "(float32), 2 int8 (packed, scales), 3 gguf (packed blocks, qtype, n, k).");
+        "(float32), 2 int8 (packed, scales), 3 gguf (packed blocks, qtype, n, k), 4 bf16 "
+        "(packed, n).");
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, double, double, at::Tensor>(), py::arg("num_heads"),
            py::arg("num_kv_heads"), py::arg("eps"), py::arg("scale"), py::arg("final_norm"))

@@ -15,7 +15,7 @@ constexpr int kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an XSAVE featu
 constexpr int kXfeatureXtiledata = 18;      // AMX tile data
 
 struct Features {
-  bool avx2 = false, avx512 = false, vnni = false, amx = false;
+  bool avx2 = false, avx512 = false, vnni = false, bf16 = false, amx = false;
 };
 
 unsigned long long xcr0() {
@@ -39,6 +39,9 @@ Features probe() {
   bool avx512f = b & (1u << 16), avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512bw && avx512vl;
   f.vnni = f.avx512 && (c & (1u << 11));
+  unsigned int a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+  __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+  f.bf16 = f.avx512 && (a1 & (1u << 5));  // AVX512_BF16: vdpbf16ps
   bool amx_tile = d & (1u << 24), amx_bf16 = d & (1u << 22), amx_int8 = d & (1u << 25);
   if (f.avx512 && tile_state && amx_tile && amx_bf16 && amx_int8) {
     // The OS must also grant this process the tile data state before the first AMX instruction.
@@ -75,6 +78,8 @@ Isa cpu_isa() {
 }
 
 bool has_avx512_vnni() { return features().vnni && cpu_isa() >= Isa::kAvx512; }
+
+bool has_avx512_bf16() { return features().bf16 && cpu_isa() >= Isa::kAvx512; }
 
 std::string isa_name(Isa isa) {
   switch (isa) {

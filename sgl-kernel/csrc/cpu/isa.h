@@ -16,5 +16,6 @@ std::string isa_name(Isa isa);
 // What the hardware offers, whatever LMPROG_CPU_ISA says (for reports).
 Isa detected_isa();
 bool has_avx512_vnni();
+bool has_avx512_bf16();
 
 }  // namespace sgl_kernel

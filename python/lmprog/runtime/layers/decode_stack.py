@@ -7,8 +7,8 @@ side and runs the same registered ops in the same order as the modules do, so a 
 through it gives the same tensors as the module path.
 
 It serves decode steps of the `cpu` attention backend for models whose layers it can express: the
-Llama family without per-head q/k norms, with dense (the activation dtype), int8 or gguf linear
-layers. Everything else runs the modules. LMPROG_DECODE_STACK=0 turns it off (for comparisons).
+Llama family without per-head q/k norms, with dense (the activation dtype), packed bf16, int8 or
+gguf linear layers. Everything else runs the modules. LMPROG_DECODE_STACK=0 turns it off (for comparisons).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 from lmprog.runtime.layers.attention.cpu import CpuAttnBackend
 from lmprog.runtime.layers.cpu_kernels import cpu_kernels
 from lmprog.runtime.layers.linear import FastLinear, onednn_linear_ok
+from lmprog.runtime.layers.linear_bf16 import PackedBf16Linear
 from lmprog.runtime.layers.quantization.gguf import GGUFLinear
 from lmprog.runtime.layers.quantization.int8 import Int8Linear
 from lmprog.runtime.layers.rotary import RopeRows
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 ENV = "LMPROG_DECODE_STACK"
 
 # Kinds of sgl_kernel._C.stack_linear.
-_DENSE, _DENSE_ONEDNN, _INT8, _GGUF = 0, 1, 2, 3
+_DENSE, _DENSE_ONEDNN, _INT8, _GGUF, _BF16 = 0, 1, 2, 3, 4
 
 
 def stack_enabled() -> bool:
@@ -42,6 +43,8 @@ def stack_enabled() -> bool:
 
 def _stack_linear(kernels: Any, module: nn.Module, dtype: torch.dtype) -> Any | None:
     """The C++ description of one linear layer; None for a kind the stack does not run."""
+    if isinstance(module, PackedBf16Linear):
+        return kernels.stack_linear(_BF16, module.packed, None, module.bias, 0, module.out_features)
     if isinstance(module, Int8Linear):
         return kernels.stack_linear(_INT8, module.packed, module.scales, module.bias)
     if isinstance(module, GGUFLinear):

@@ -10,6 +10,7 @@ import torch
 from lmprog.runtime.layers.attention import create_attention_backend
 from lmprog.runtime.layers.attention.registry import resolve_backend_name
 from lmprog.runtime.layers.cpu_kernels import cpu_path
+from lmprog.runtime.layers.linear_bf16 import pack_bf16_linears
 from lmprog.runtime.layers.quantization import quantize_model
 from lmprog.runtime.mem_cache.allocator import TokenToKVPoolAllocator
 from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPool
@@ -77,6 +78,9 @@ class ModelRunner:
                 raise ValueError(f"quantization {method!r} runs on CPU only (sgl_kernel's ops)")
             done = quantize_model(model, method, self.loaded)
             logger.info("quantization %s: %d linear layers", method, len(done))
+        elif self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            done = pack_bf16_linears(model)
+            logger.info("bf16 linear layers packed for sgl_kernel: %d", len(done))
         return model.eval()
 
     @property
