@@ -45,12 +45,12 @@ def bench_lmprog(llm, prompts: list[list[int]], output_len: int) -> tuple[float,
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
-def build_hf_model(llm):
+def build_hf_model(llm, dtype: torch.dtype):
     """HF transformers' model on the weights lmprog loaded (its modelling code, our loader)."""
     from transformers import AutoModelForCausalLM
 
     loaded = llm.scheduler.model_runner.loaded
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=dtype)
     missing, unexpected = model.load_state_dict(dict(loaded.weights()), strict=False)
     assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
     model.tie_weights()
@@ -91,6 +91,12 @@ def main() -> None:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument(
+        "--dtype", default="auto", help="lmprog's dtype (auto: bf16 on CPUs with it)"
+    )
+    parser.add_argument(
+        "--hf-dtype", default=None, help="HF's dtype (default: the one lmprog resolved to)"
+    )
+    parser.add_argument(
         "--compare-torch",
         action="store_true",
         help="also run the same workload on the torch path (LMPROG_CPU_ISA=torch, a subprocess)",
@@ -105,7 +111,9 @@ def main() -> None:
         max_running_requests=args.max_running_requests,
         seed=args.seed,
         attention_backend=args.attention_backend,
+        dtype=args.dtype,
     )
+    dtype = llm.scheduler.model_runner.dtype
     prompts = make_prompts(llm.get_tokenizer(), args.num_prompts, args.input_len, args.seed)
     rows = []
     t, n = bench_lmprog(llm, prompts, args.output_len)
@@ -114,7 +122,7 @@ def main() -> None:
         print(json.dumps({"t": t, "n": n, "path": path}))
         return
     backend = llm.scheduler.model_runner.attention_backend
-    rows.append((f"lmprog LLM.generate ({path}, attention {backend})", t, n))
+    rows.append((f"lmprog LLM.generate ({path}, attention {backend}, {dtype})", t, n))
     if args.compare_torch:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--row-only"]
         cmd = [c for c in cmd if c != "--compare-torch"]
@@ -125,9 +133,10 @@ def main() -> None:
             ("lmprog LLM.generate (torch path, attention torch_native)", row["t"], row["n"])
         )
     if args.compare_hf:
-        hf = build_hf_model(llm)
+        hf_dtype = getattr(torch, args.hf_dtype) if args.hf_dtype else dtype
+        hf = build_hf_model(llm, hf_dtype)
         t_hf, n_hf = bench_hf(hf, llm.get_tokenizer(), prompts, args.output_len, args.hf_batch_size)
-        rows.append((f"HF generate (batch {args.hf_batch_size})", t_hf, n_hf))
+        rows.append((f"HF generate (batch {args.hf_batch_size}, {hf_dtype})", t_hf, n_hf))
 
     print(
         f"\n{args.num_prompts} prompts x {args.input_len} input / {args.output_len} output tokens, "
