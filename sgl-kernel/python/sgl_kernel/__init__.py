@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 
 from sgl_kernel import _C
-from sgl_kernel.attention import decode_attention, extend_attention
+from sgl_kernel.attention import cascade_decode_attention, decode_attention, extend_attention
 from sgl_kernel.gguf import gguf_linear, gguf_pack
 from sgl_kernel.norm import fused_add_rmsnorm, rmsnorm, silu_and_mul
 from sgl_kernel.quant import int8_linear, int8_pack, quantize_int8_per_channel
 from sgl_kernel.rope import rope_kv_store
 
 __all__ = [
+    "cascade_decode_attention",
     "cpu_isa",
     "decode_attention",
     "detected_isa",
