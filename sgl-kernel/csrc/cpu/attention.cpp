@@ -71,6 +71,7 @@ struct V {
   static reg max(reg a, reg b) { return std::max(a, b); }
   static float reduce_add(reg a) { return a; }
   static float reduce_max(reg a) { return a; }
+  static void transpose(reg*) {}  // a 1 x 1 block
   static reg exp(reg a) { return std::exp(a); }
   static reg mask_below(reg x, reg lanes, float t) { return lanes < t ? -INFINITY : x; }
 };
@@ -99,6 +100,7 @@ struct V {
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static float reduce_add(reg a) { return _mm512_reduce_add_ps(a); }
   static float reduce_max(reg a) { return _mm512_reduce_max_ps(a); }
+  static void transpose(reg* r) { avx512::transpose(r); }  // kWidth x kWidth rows
   static reg exp(reg a) { return avx512::exp(a); }
   static reg mask_below(reg x, reg lanes, float t) {
     __mmask16 below = _mm512_cmp_ps_mask(lanes, _mm512_set1_ps(t), _CMP_LT_OQ);
@@ -129,6 +131,7 @@ struct V {
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   static float reduce_add(reg a) { return avx2::hsum(a); }
   static float reduce_max(reg a) { return avx2::hmax(a); }
+  static void transpose(reg* r) { avx2::transpose(r); }
   static reg exp(reg a) { return avx2::exp(a); }
   static reg mask_below(reg x, reg lanes, float t) {
     __m256 below = _mm256_cmp_ps(lanes, _mm256_set1_ps(t), _CMP_LT_OQ);
