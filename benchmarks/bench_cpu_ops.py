@@ -88,6 +88,36 @@ def decode_row(batch: int, length: int, copy_gbs: float) -> tuple:
     return (f"decode attention B={batch} L={length}", ref, ker, b / ker / 1e9, "GB/s", copy_gbs)
 
 
+def shared_prefix_rows(batch: int, prefix: int, own: int, flops: float) -> list[tuple]:
+    """Few-shot decode: `batch` requests behind one shared `prefix` (the same slots, as the radix
+    cache gives them), `own` tokens each; plain decode re-reads the prefix once per request."""
+    k, v, r2t, idx, lens = paged(batch, prefix + own)
+    r2t[:, :prefix] = r2t[0, :prefix]
+    q = torch.randn(batch, HEADS, HEAD_DIM)
+    o = torch.empty_like(q)
+    group_of, prefix_lens = torch.zeros(batch, dtype=torch.int64), torch.tensor([prefix])
+    ref = timed(lambda: torch_decode(q, k, v, r2t, idx, lens))
+    dec = timed(lambda: sgl_kernel.decode_attention(q, k, v, o, r2t, idx, lens, 0.125))
+    cas = timed(
+        lambda: sgl_kernel.cascade_decode_attention(
+            q, k, v, o, r2t, idx, lens, group_of, prefix_lens, 0.125
+        )
+    )
+    work = 4 * batch * HEADS * HEAD_DIM * (prefix + own)  # QK^T and PV
+    shape = f"B={batch} shared {prefix} + own {own}"
+    return [
+        (f"decode attention {shape}", ref, dec, work / dec / 1e9, "GFLOP/s", flops),
+        (
+            f"cascade decode attention {shape} ({dec / cas:.2f}x decode_attention)",
+            ref,
+            cas,
+            work / cas / 1e9,
+            "GFLOP/s",
+            flops,
+        ),
+    ]
+
+
 def extend_row(prefix: int, new: int, flops: float) -> tuple:
     k, v, r2t, idx, lens = paged(1, prefix + new)
     q = torch.randn(new, HEADS, HEAD_DIM)
@@ -119,6 +149,7 @@ def rows(copy_gbs: float, flops: float) -> list[tuple]:
     out = [row for n in (1, 64) for row in norm_rows(n, copy_gbs)]
     for batch, length in ((1, 1024), (1, 4096), (16, 512), (64, 200)):
         out.append(decode_row(batch, length, copy_gbs))
+    out += shared_prefix_rows(64, 1024, 16, flops)
     for prefix, new in ((0, 1024), (1024, 64)):
         out.append(extend_row(prefix, new, flops))
     return out

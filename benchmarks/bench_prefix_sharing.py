@@ -290,6 +290,11 @@ def main() -> None:
         help=f"comma-separated, of {', '.join(WORKLOADS)} (default {DEFAULT_WORKLOADS})",
     )
     parser.add_argument("--schedule-policy", default="fcfs", help="fcfs, lpm or dfs-weight")
+    parser.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="auto, cpu or torch_native (LMPROG_CASCADE=0 turns the cpu backend's cascade off)",
+    )
     parser.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results here")
     parser.add_argument("--seed", type=int, default=0)
@@ -320,6 +325,7 @@ def main() -> None:
             disable_radix_cache=cache == "off",
             schedule_policy=args.schedule_policy,
             max_total_tokens=args.max_total_tokens,
+            attention_backend=args.attention_backend,
         )
         engines[cache].generate(
             ["warm up"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False
@@ -329,7 +335,11 @@ def main() -> None:
         for name in names
     }
     quick = ", --quick" if args.quick else ""
-    print(f"\nmodel {args.model}, schedule policy {args.schedule_policy}{quick}")
+    backend = engines["on"].scheduler.model_runner.attention_backend
+    print(
+        f"\nmodel {args.model}, schedule policy {args.schedule_policy}, "
+        f"attention backend {backend}{quick}"
+    )
     summary = print_report(results)
     if args.json:
         rows = [

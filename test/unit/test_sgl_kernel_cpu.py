@@ -199,14 +199,15 @@ def test_one_long_stream_uses_every_thread_and_still_matches() -> None:
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
-def test_lower_isa_paths(isa: str) -> None:
+def run_on_isa(script: str, isa: str) -> None:
+    """Runs a test file as a script with the kernels lowered to `isa`; it must print "<isa> ok".
+    Skips when the CPU lacks the ISA."""
     best = sgl_kernel.detected_isa()
     if ISA_ORDER.index(isa) > ISA_ORDER.index(best):
         pytest.skip(f"this CPU offers {best}, not {isa}")
     env = dict(os.environ, LMPROG_CPU_ISA=isa)
     done = subprocess.run(
-        [sys.executable, __file__],
+        [sys.executable, script],
         env=env,
         capture_output=True,
         text=True,
@@ -215,6 +216,11 @@ def test_lower_isa_paths(isa: str) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == f"{isa} ok"
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_lower_isa_paths(isa: str) -> None:
+    run_on_isa(__file__, isa)
 
 
 def test_the_isa_is_reported_and_can_only_be_lowered() -> None:

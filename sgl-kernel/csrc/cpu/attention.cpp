@@ -1,18 +1,23 @@
 // Paged attention over lmprog's KV pool, read in place: decode (one query per request, the
-// context split across threads as in flash-decoding, so one long stream uses every core) and
+// context split across threads as in flash-decoding, so one long stream uses every core), its
+// cascade form (requests that share a prefix read it once, all their queries together), and
 // extend (a request's new tokens over its cached prefix and themselves, causal). Softmax is
 // online, in fp32, so memory stays bounded for any context length.
 //
-// The kernels themselves are in attention_impl.inc, written once over a vector type and
-// compiled per ISA below; D and Dv must be multiples of the vector width for a vector path (the
-// scalar one takes any).
+// The kernels themselves are in attention_impl.inc and cascade_impl.inc, written once over a
+// vector type and compiled per ISA below; D and Dv must be multiples of the vector width for a
+// vector path (the scalar one takes any).
+#include "attention.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
+#include "decode_plan.h"
 #include "isa.h"
 #include "vec.h"
 
@@ -28,6 +33,26 @@ struct Shape {
   int64_t v_stride;   // Hkv * Dv
   float scale;
 };
+
+// The cascade's unit of work: `rows` query rows -- each member of a shared-prefix group times the
+// GQA heads of kv head `h` -- against positions [lo, hi) of the group's prefix.
+template <typename T>
+struct PrefixChunk {
+  const T* const* q;     // [rows] -> the row's D query values
+  float* const* out;     // [rows] -> the row's partial record: m, l, acc[Dv]
+  int64_t rows;
+  const int64_t* slots;  // the group's slots: any member's row of req_to_token
+  int64_t lo, hi, h;
+};
+constexpr int kKeys = 32;      // keys per block of a chunk: a multiple of every vector width
+constexpr int kRowBlock = 64;  // rows whose q and accumulators stay in L1/L2 over a chunk's keys
+
+// Floats of scratch prefix_chunk needs for a chunk of `len` positions: K transposed per block of
+// kKeys, V, and one row block's scaled queries.
+int64_t chunk_scratch(int64_t len, const Shape& s) {
+  if (len == 0) return 0;
+  return (len + kKeys - 1) / kKeys * kKeys * s.d + len * s.dv + kRowBlock * s.d;
+}
 
 namespace scalar {
 struct V {
@@ -45,10 +70,13 @@ struct V {
   static reg sub(reg a, reg b) { return a - b; }
   static reg max(reg a, reg b) { return std::max(a, b); }
   static float reduce_add(reg a) { return a; }
+  static float reduce_max(reg a) { return a; }
+  static void transpose(reg*) {}  // a 1 x 1 block
   static reg exp(reg a) { return std::exp(a); }
   static reg mask_below(reg x, reg lanes, float t) { return lanes < t ? -INFINITY : x; }
 };
 #include "attention_impl.inc"
+#include "cascade_impl.inc"
 }  // namespace scalar
 
 #pragma GCC push_options
@@ -71,6 +99,8 @@ struct V {
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static float reduce_add(reg a) { return _mm512_reduce_add_ps(a); }
+  static float reduce_max(reg a) { return _mm512_reduce_max_ps(a); }
+  static void transpose(reg* r) { avx512::transpose(r); }  // kWidth x kWidth rows
   static reg exp(reg a) { return avx512::exp(a); }
   static reg mask_below(reg x, reg lanes, float t) {
     __mmask16 below = _mm512_cmp_ps_mask(lanes, _mm512_set1_ps(t), _CMP_LT_OQ);
@@ -78,6 +108,7 @@ struct V {
   }
 };
 #include "attention_impl.inc"
+#include "cascade_impl.inc"
 }  // namespace avx512v
 #pragma GCC pop_options
 
@@ -99,6 +130,8 @@ struct V {
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   static float reduce_add(reg a) { return avx2::hsum(a); }
+  static float reduce_max(reg a) { return avx2::hmax(a); }
+  static void transpose(reg* r) { avx2::transpose(r); }
   static reg exp(reg a) { return avx2::exp(a); }
   static reg mask_below(reg x, reg lanes, float t) {
     __m256 below = _mm256_cmp_ps(lanes, _mm256_set1_ps(t), _CMP_LT_OQ);
@@ -106,6 +139,7 @@ struct V {
   }
 };
 #include "attention_impl.inc"
+#include "cascade_impl.inc"
 }  // namespace avx2v
 #pragma GCC pop_options
 
@@ -139,67 +173,33 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(req_to_token.scalar_type() == at::kLong, "req_to_token must be int64");
 }
 
-// How many parts each request's context is split into, so that short batches still give every
-// thread work; parts are at least kMinPart positions (below that, merging costs more).
-int64_t num_parts(int64_t tasks, int64_t max_len) {
-  constexpr int64_t kMinPart = 64;
-  const int64_t want = (4 * at::get_num_threads() + tasks - 1) / tasks;
-  return std::max<int64_t>(1, std::min(want, (max_len + kMinPart - 1) / kMinPart));
+// Runs task(t, scratch) for t in [0, n) on every thread, each thread taking the next task when
+// it finishes one: chunk tasks (many rows) and part tasks (one request) differ a lot in size.
+// Scratch is made once per thread.
+template <typename Scratch, typename MakeScratch, typename Task>
+void run_tasks(int64_t n, MakeScratch make, Task task) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    Scratch scratch = make();
+    for (int64_t t = next++; t < n; t = next++) task(t, scratch);
+  });
 }
 
+// out[b, head] from its records, by log-sum-exp (records with l == 0 are empty parts).
 template <typename T>
-void decode_impl(const at::Tensor& q, const at::Tensor& kb, const at::Tensor& vb, at::Tensor& out,
-                 const at::Tensor& req_to_token, const at::Tensor& pool_idx,
-                 const at::Tensor& seq_lens, const Shape& s) {
-  const int64_t B = q.size(0), H = q.size(1), Hkv = H / s.group;
-  const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  const int64_t* rows = pool_idx.data_ptr<int64_t>();
-  const int64_t max_len = *std::max_element(lens, lens + B);
-  const int64_t parts = num_parts(B * Hkv, max_len);
-  // Per (request, head, part): m, l and the unnormalized Dv accumulator.
+void merge_records(const std::vector<float>& partial, const DecodePlan& plan, int64_t B,
+                   int64_t H, const Shape& s, T* op) {
   const int64_t rec = s.dv + 2;
-  std::vector<float> partial(B * H * parts * rec);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = kb.data_ptr<T>();
-  const T* vp = vb.data_ptr<T>();
-  const int64_t* r2t = req_to_token.data_ptr<int64_t>();
-  const int64_t ctx = req_to_token.size(1);
-  const Isa isa = kernel_isa(s);
-  at::parallel_for(0, B * Hkv * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(s.group * s.d), m(s.group), l(s.group), acc(s.group * s.dv);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (Hkv * parts), h = (t / parts) % Hkv, part = t % parts;
-      const int64_t len = lens[b], step = (len + parts - 1) / parts;
-      const int64_t lo = std::min(len, part * step), hi = std::min(len, lo + step);
-      for (int g = 0; g < s.group; ++g) {
-        for (int d = 0; d < s.d; ++d) qf[g * s.d + d] = to_float(qp[(b * H + h * s.group + g) * s.d + d]);
-      }
-      const int64_t* slots = r2t + rows[b] * ctx;
-      if (isa == Isa::kAvx512) {
-        avx512v::decode_part(qf.data(), kp, vp, slots, lo, hi, s, h, m.data(), l.data(), acc.data());
-      } else if (isa == Isa::kAvx2) {
-        avx2v::decode_part(qf.data(), kp, vp, slots, lo, hi, s, h, m.data(), l.data(), acc.data());
-      } else {
-        scalar::decode_part(qf.data(), kp, vp, slots, lo, hi, s, h, m.data(), l.data(), acc.data());
-      }
-      for (int g = 0; g < s.group; ++g) {
-        float* r = partial.data() + ((b * H + h * s.group + g) * parts + part) * rec;
-        r[0] = m[g], r[1] = l[g];
-        std::copy(acc.begin() + g * s.dv, acc.begin() + (g + 1) * s.dv, r + 2);
-      }
-    }
-  });
-  // Merge the parts of each (request, head) by log-sum-exp.
-  T* op = out.data_ptr<T>();
   at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> o(s.dv);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const float* r = partial.data() + bh * parts * rec;
+      const int64_t b = bh / H, n = plan.pieces[b];
+      const float* r = partial.data() + plan.record(b, bh % H, 0) * rec;
       float m = -INFINITY;
-      for (int64_t p = 0; p < parts; ++p) m = std::max(m, r[p * rec]);
+      for (int64_t p = 0; p < n; ++p) m = std::max(m, r[p * rec]);
       float l = 0.f;
       std::fill(o.begin(), o.end(), 0.f);
-      for (int64_t p = 0; p < parts; ++p) {
+      for (int64_t p = 0; p < n; ++p) {
         if (r[p * rec + 1] == 0.f) continue;  // an empty part
         const float w = std::exp(r[p * rec] - m);
         l += w * r[p * rec + 1];
@@ -210,17 +210,83 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kb, const at::Tensor& vb
   });
 }
 
-void decode_attention(const at::Tensor& q, const at::Tensor& k_buffer, const at::Tensor& v_buffer,
-                      at::Tensor& out, const at::Tensor& req_to_token,
-                      const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
-                      double scale) {
-  check_inputs(q, k_buffer, v_buffer, out, req_to_token);
-  TORCH_CHECK(q.dim() == 3 && out.dim() == 3, "q and out are [B, H, D]");
-  const Shape s = shape_of(q, k_buffer, v_buffer, scale);
-  dispatch_float_bf16(q.scalar_type(), [&](auto tag) {
-    decode_impl<decltype(tag)>(q, k_buffer, v_buffer, out, req_to_token,
-                               req_pool_indices.contiguous(), seq_lens.contiguous(), s);
+template <typename T>
+void decode_impl(const at::Tensor& q, const at::Tensor& kb, const at::Tensor& vb, at::Tensor& out,
+                 const at::Tensor& req_to_token, const at::Tensor& pool_idx,
+                 const at::Tensor& seq_lens, const DecodePlan& plan, const Shape& s) {
+  const int64_t B = q.size(0), H = q.size(1), Hkv = H / s.group, parts = plan.parts;
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* rows = pool_idx.data_ptr<int64_t>();
+  const int64_t rec = s.dv + 2;
+  std::vector<float> partial(plan.records() * rec);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = kb.data_ptr<T>();
+  const T* vp = vb.data_ptr<T>();
+  const int64_t* r2t = req_to_token.data_ptr<int64_t>();
+  const int64_t ctx = req_to_token.size(1);
+  const Isa isa = kernel_isa(s);
+  struct Scratch {
+    std::vector<float> qf, m, l, acc, chunk;
+    std::vector<const T*> q_rows;
+    std::vector<float*> out_rows;
+  };
+  auto make = [&] {
+    return Scratch{std::vector<float>(s.group * s.d), std::vector<float>(s.group),
+                   std::vector<float>(s.group), std::vector<float>(s.group * s.dv),
+                   std::vector<float>(chunk_scratch(plan.longest_chunk, s)),
+                   std::vector<const T*>(plan.most_rows), std::vector<float*>(plan.most_rows)};
+  };
+  const int64_t n_chunks = plan.chunks.size();
+  auto chunk_task = [&](const DecodePlan::Chunk& c, Scratch& sc) {
+    const int64_t* members = plan.members.data() + plan.member_start[c.group];
+    const int64_t n = plan.member_start[c.group + 1] - plan.member_start[c.group];
+    for (int64_t i = 0; i < n * s.group; ++i) {
+      const int64_t b = members[i / s.group], head = c.h * s.group + i % s.group;
+      sc.q_rows[i] = qp + (b * H + head) * s.d;
+      sc.out_rows[i] = partial.data() + plan.record(b, head, c.piece) * rec;
+    }
+    const PrefixChunk<T> pc{sc.q_rows.data(), sc.out_rows.data(), n * s.group,
+                            r2t + rows[members[0]] * ctx, c.lo, c.hi, c.h};
+    if (isa == Isa::kAvx512) {
+      avx512v::prefix_chunk(pc, kp, vp, s, sc.chunk.data());
+    } else if (isa == Isa::kAvx2) {
+      avx2v::prefix_chunk(pc, kp, vp, s, sc.chunk.data());
+    } else {
+      scalar::prefix_chunk(pc, kp, vp, s, sc.chunk.data());
+    }
+  };
+  auto part_task = [&](int64_t t, Scratch& sc) {
+    const int64_t b = t / (Hkv * parts), h = (t / parts) % Hkv, part = t % parts;
+    const int64_t own = lens[b] - plan.start[b], step = (own + parts - 1) / parts;
+    const int64_t lo = plan.start[b] + std::min(own, part * step);
+    const int64_t hi = std::min(lens[b], lo + step);
+    for (int g = 0; g < s.group; ++g) {
+      for (int d = 0; d < s.d; ++d) sc.qf[g * s.d + d] = to_float(qp[(b * H + h * s.group + g) * s.d + d]);
+    }
+    const int64_t* slots = r2t + rows[b] * ctx;
+    float *qf = sc.qf.data(), *m = sc.m.data(), *l = sc.l.data(), *acc = sc.acc.data();
+    if (isa == Isa::kAvx512) {
+      avx512v::decode_part(qf, kp, vp, slots, lo, hi, s, h, m, l, acc);
+    } else if (isa == Isa::kAvx2) {
+      avx2v::decode_part(qf, kp, vp, slots, lo, hi, s, h, m, l, acc);
+    } else {
+      scalar::decode_part(qf, kp, vp, slots, lo, hi, s, h, m, l, acc);
+    }
+    for (int g = 0; g < s.group; ++g) {
+      const int64_t head = h * s.group + g;
+      float* r = partial.data() + plan.record(b, head, plan.pieces[b] - parts + part) * rec;
+      r[0] = m[g], r[1] = l[g];
+      std::copy(acc + g * s.dv, acc + (g + 1) * s.dv, r + 2);
+    }
+  };
+  run_tasks<Scratch>(n_chunks + B * Hkv * parts, make, [&](int64_t t, Scratch& sc) {
+    if (t < n_chunks) {
+      chunk_task(plan.chunks[t], sc);
+    } else {
+      part_task(t - n_chunks, sc);
+    }
   });
+  merge_records(partial, plan, B, H, s, out.data_ptr<T>());
 }
 
 template <typename T>
@@ -273,6 +339,47 @@ void extend_impl(const at::Tensor& q, const at::Tensor& kb, const at::Tensor& vb
   });
 }
 
+// decode_attention, or its cascade form when group_of is given (G groups of prefix lengths).
+void run_decode(const at::Tensor& q, const at::Tensor& k_buffer, const at::Tensor& v_buffer,
+                at::Tensor& out, const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
+                const at::Tensor& seq_lens, const int64_t* group_of, const int64_t* prefix,
+                int64_t G, double scale) {
+  check_inputs(q, k_buffer, v_buffer, out, req_to_token);
+  TORCH_CHECK(q.dim() == 3 && out.dim() == 3, "q and out are [B, H, D]");
+  const Shape s = shape_of(q, k_buffer, v_buffer, scale);
+  const at::Tensor lens = seq_lens.contiguous();
+  const DecodePlan plan = plan_decode(lens.data_ptr<int64_t>(), q.size(0), q.size(1) / s.group,
+                                      s.group, group_of, prefix, G);
+  dispatch_float_bf16(q.scalar_type(), [&](auto tag) {
+    decode_impl<decltype(tag)>(q, k_buffer, v_buffer, out, req_to_token,
+                               req_pool_indices.contiguous(), lens, plan, s);
+  });
+}
+
+}  // namespace
+
+void decode_attention(const at::Tensor& q, const at::Tensor& k_buffer, const at::Tensor& v_buffer,
+                      at::Tensor& out, const at::Tensor& req_to_token,
+                      const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
+                      double scale) {
+  run_decode(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens, nullptr,
+             nullptr, 0, scale);
+}
+
+void cascade_decode_attention(const at::Tensor& q, const at::Tensor& k_buffer,
+                              const at::Tensor& v_buffer, at::Tensor& out,
+                              const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
+                              const at::Tensor& seq_lens, const at::Tensor& group_of,
+                              const at::Tensor& group_prefix_lens, double scale) {
+  TORCH_CHECK(group_of.scalar_type() == at::kLong && group_prefix_lens.scalar_type() == at::kLong,
+              "group_of and group_prefix_lens must be int64");
+  TORCH_CHECK(group_of.dim() == 1 && group_of.size(0) == q.size(0), "group_of has ",
+              group_of.numel(), " entries for ", q.size(0), " requests");
+  const at::Tensor groups = group_of.contiguous(), prefix = group_prefix_lens.contiguous();
+  run_decode(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens,
+             groups.data_ptr<int64_t>(), prefix.data_ptr<int64_t>(), prefix.numel(), scale);
+}
+
 void extend_attention(const at::Tensor& q, const at::Tensor& k_buffer, const at::Tensor& v_buffer,
                       at::Tensor& out, const at::Tensor& req_to_token,
                       const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
@@ -290,8 +397,6 @@ void extend_attention(const at::Tensor& q, const at::Tensor& k_buffer, const at:
   });
 }
 
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(sgl_kernel, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_buffer, Tensor v_buffer, Tensor(a!) out, "
@@ -300,11 +405,16 @@ TORCH_LIBRARY_FRAGMENT(sgl_kernel, m) {
       "extend_attention(Tensor q, Tensor k_buffer, Tensor v_buffer, Tensor(a!) out, "
       "Tensor req_to_token, Tensor req_pool_indices, Tensor seq_lens, "
       "Tensor extend_prefix_lens, float scale) -> ()");
+  m.def(
+      "cascade_decode_attention(Tensor q, Tensor k_buffer, Tensor v_buffer, Tensor(a!) out, "
+      "Tensor req_to_token, Tensor req_pool_indices, Tensor seq_lens, Tensor group_of, "
+      "Tensor group_prefix_lens, float scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sgl_kernel, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("extend_attention", &extend_attention);
+  m.impl("cascade_decode_attention", &cascade_decode_attention);
 }
 
 }  // namespace sgl_kernel

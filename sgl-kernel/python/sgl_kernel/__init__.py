@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from sgl_kernel import _C
-from sgl_kernel.attention import decode_attention, extend_attention
+from sgl_kernel.attention import cascade_decode_attention, decode_attention, extend_attention
 from sgl_kernel.bf16 import bf16_linear, bf16_pack
 from sgl_kernel.gguf import gguf_linear, gguf_pack
 from sgl_kernel.norm import fused_add_rmsnorm, rmsnorm, silu_and_mul
@@ -23,6 +23,7 @@ from sgl_kernel.rope import rope_kv_store
 __all__ = [
     "bf16_linear",
     "bf16_pack",
+    "cascade_decode_attention",
     "cpu_isa",
     "decode_attention",
     "detected_isa",

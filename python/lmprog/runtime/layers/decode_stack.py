@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lmprog.runtime.layers.attention.cpu import CpuAttnBackend
+from lmprog.runtime.layers.attention.shared_prefix import SharedPrefixes
 from lmprog.runtime.layers.cpu_kernels import cpu_kernels
 from lmprog.runtime.layers.linear import FastLinear, onednn_linear_ok
 from lmprog.runtime.layers.linear_bf16 import PackedBf16Linear
@@ -118,6 +119,8 @@ class DecodeStack:
         `hidden` is overwritten (it becomes the residual stream)."""
         pool, rows = fb.token_to_kv_pool, fb.req_to_token_pool
         assert pool is not None and rows is not None
+        # The cpu backend's decode metadata: shared-prefix groups for the cascade kernel, or None.
+        groups: SharedPrefixes | None = fb.attn_metadata
         return self._stack.forward(
             hidden.contiguous(),
             rope.cos32,
@@ -128,6 +131,6 @@ class DecodeStack:
             rows.req_to_token,
             fb.req_pool_indices,
             fb.seq_lens,
-            None,
-            None,
+            None if groups is None else groups.group_of,
+            None if groups is None else groups.prefix_lens,
         )

@@ -9,21 +9,34 @@ context: there torch's gather + flash attention, which tiles Q.K^T into small ma
 faster than the extend kernel (about 2x at a 1,024-token prefill, 1.5x for 4 new tokens over 1,024;
 benchmarks/README.md). The kernel serves short extends over short contexts (jump-forward tokens,
 first turns), where it measured 1.4-3.4x faster.
+
+Decode batches whose requests share a cached prefix (many questions behind one few-shot prompt)
+run the cascade kernel: once per step `init_forward_metadata` finds the groups
+(`shared_prefix.find_shared_prefixes`), and every layer then attends each group's prefix once for
+all its members' queries instead of once per request. Groups need a prefix of at least
+`CASCADE_MIN_PREFIX` tokens: there the cascade measured 1.15-1.4x the plain kernel for groups of
+2 to 64 requests, and at 16 tokens 0.95-1.1x (SmolLM2 shapes, one thread). LMPROG_CASCADE=0 in
+the environment turns the cascade off (for comparisons); the results are the same up to float
+rounding either way.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 
 from lmprog.runtime.layers.attention.base import RadixAttention
+from lmprog.runtime.layers.attention.shared_prefix import SharedPrefixes, find_shared_prefixes
 from lmprog.runtime.layers.attention.torch_native import TorchNativeAttnBackend
 from lmprog.runtime.layers.cpu_kernels import cpu_kernels
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 KERNEL_EXTEND_MAX = 16
 KERNEL_EXTEND_CONTEXT = 512
+CASCADE = os.environ.get("LMPROG_CASCADE", "1") != "0"
+CASCADE_MIN_PREFIX = 32
 
 
 class CpuAttnBackend(TorchNativeAttnBackend):
@@ -40,6 +53,14 @@ class CpuAttnBackend(TorchNativeAttnBackend):
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         if self._torch_path(fb):
             super().init_forward_metadata(fb)
+        elif fb.forward_mode.is_decode and CASCADE:
+            assert fb.req_to_token_pool is not None
+            fb.attn_metadata = find_shared_prefixes(
+                fb.req_to_token_pool.req_to_token,
+                fb.req_pool_indices,
+                fb.seq_lens,
+                CASCADE_MIN_PREFIX,
+            )
         else:
             fb.attn_metadata = None  # the kernels read the batch's own index tensors
 
@@ -73,6 +94,12 @@ class CpuAttnBackend(TorchNativeAttnBackend):
         layer: RadixAttention,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
+        groups: SharedPrefixes | None = forward_batch.attn_metadata
+        if groups is not None:
+            kernel = self.kernels.cascade_decode_attention
+            return self._run(
+                kernel, q, k, v, layer, forward_batch, groups.group_of, groups.prefix_lens
+            )
         return self._run(self.kernels.decode_attention, q, k, v, layer, forward_batch)
 
     @staticmethod
