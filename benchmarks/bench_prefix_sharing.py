@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from machine_info import header
+
 from lmprog import LLM, SamplingParams
 
 IM_END = 2  # `<|im_end|>`, SmolLM2's eos
@@ -280,6 +282,47 @@ def print_report(results: dict[str, dict[str, Result]]) -> dict[str, dict[str, A
     return summary
 
 
+def compare_backends(names: list[str], args: argparse.Namespace) -> None:
+    """The workloads with the cache on, on the cpu attention backend with and without the
+    cascade (shared-prefix) kernel and on torch_native, in one process; prints time and speedup."""
+    from lmprog.runtime.layers.attention import cpu as cpu_backend
+
+    engines = {
+        backend: LLM(
+            args.model,
+            seed=args.seed,
+            attention_backend=backend,
+            schedule_policy=args.schedule_policy,
+            max_total_tokens=args.max_total_tokens,
+        )
+        for backend in ("cpu", "torch_native")
+    }
+    for llm in engines.values():
+        llm.generate(["warm up"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    configs = [
+        ("cpu, cascade", "cpu", True),
+        ("cpu, no cascade", "cpu", False),
+        ("torch_native", "torch_native", True),
+    ]
+    dtype = engines["cpu"].scheduler.model_runner.dtype
+    print(f"\nmodel {args.model}, cache on, dtype {dtype}, {header()}")
+    print("| workload | attention | time (s) | total tok/s | vs torch_native | same outputs |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        rows = {}
+        for label, backend, cascade in configs:
+            cpu_backend.CASCADE = cascade
+            rows[label] = run_workload(engines[backend], "on", name, args)
+        cpu_backend.CASCADE = True
+        base = rows["torch_native"]
+        for label, r in rows.items():
+            same = "-" if label == "torch_native" else f"{mismatches(r, base) == 0}"
+            print(
+                f"| {name} | {label} | {r.seconds:.2f} | {r.total_tps:.1f} "
+                f"| {base.seconds / r.seconds:.2f}x | {same} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -294,6 +337,11 @@ def main() -> None:
         "--attention-backend",
         default="auto",
         help="auto, cpu or torch_native (LMPROG_CASCADE=0 turns the cpu backend's cascade off)",
+    )
+    parser.add_argument(
+        "--compare-backends",
+        action="store_true",
+        help="cache on only: the cpu backend with and without the cascade against torch_native",
     )
     parser.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results here")
@@ -317,6 +365,9 @@ def main() -> None:
     if unknown := sorted(set(names) - set(WORKLOADS)):
         parser.error(f"unknown workloads {unknown}; supported: {', '.join(WORKLOADS)}")
 
+    if args.compare_backends:
+        compare_backends(names, args)
+        return
     engines = {}  # one engine per setting, reused across workloads (reset between them)
     for cache in ("on", "off"):
         engines[cache] = LLM(
