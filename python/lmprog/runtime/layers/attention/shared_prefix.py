@@ -15,10 +15,10 @@ The first difference is found by binary search, which relies on the pool's invar
 rows that hold the same slot at position p hold the same slots at every position before it. (A
 slot shared by two requests comes from a radix-tree path, which they then share from the root;
 the KV in a slot is only valid after the exact tokens before it anyway.) So a step costs about
-20 small torch ops plus 6 per halving (10 halvings for a 1k-token prefix, 15 for 32k), whatever
-the batch size, instead of comparing members x prefix slots (~60 ms for 256 requests behind 30k
-shared tokens); a batch of one request stops at once, and one whose first slots are all distinct
-after a gather and a `unique`.
+20 small torch ops plus 8 per halving (10 halvings for a 1k-token prefix, 15 for 32k): measured
+0.3-0.5 ms on 2 cores for 64 or 256 requests behind 1k or 30k shared tokens, where comparing
+members x prefix slots took 0.25 ms to 70 ms. A batch of one request stops at once, and one whose
+first slots are all distinct after a gather and a `unique` (~15 us).
 """
 
 from __future__ import annotations
