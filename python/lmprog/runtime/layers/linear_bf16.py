@@ -2,8 +2,8 @@
 
 Why: decoding reads every weight once per step, so bf16 weights should take half of fp32's time,
 but oneDNN's bf16 matmul at one row ran at 6-15 GB/s on an AVX512-BF16 CPU, no faster per output
-than fp32. The kernel packs the weight for AVX512-BF16's pair dot product and measured 3-3.5x
-faster at one row and on par at 1,024 rows (benchmarks/README.md). The values are the same bf16
+than fp32. The kernel packs the weight for AVX512-BF16's pair dot product and measured 1.9-3.6x
+faster at one row, 1.2-1.6x at 64 rows and 3-11% slower at 1,024 (benchmarks/README.md). The values are the same bf16
 weights, only laid out differently: this is not quantization.
 
 `pack_bf16_linears(model)` swaps every bf16 `nn.Linear` and tied LM head of a loaded model for a
