@@ -1,0 +1,58 @@
+"""The Triton decode attention kernel (layers/attention/triton_decode.py) against a gather +
+softmax reference, on CPU under TRITON_INTERPRET=1 (in a subprocess: the interpreter is chosen
+when Triton is imported). Small shapes: the interpreter runs each program in numpy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECK = """
+import torch
+from lmprog.runtime.layers.attention.triton_decode import decode_attention
+
+def reference(q, k, v, r2t, idx, lens, scale):
+    out = []
+    for b in range(q.shape[0]):
+        slots = r2t[idx[b], : lens[b]]
+        kb, vb = k[slots].float(), v[slots].float()  # [L, Hkv, D]
+        group = q.shape[1] // k.shape[1]
+        kb, vb = kb.repeat_interleave(group, 1), vb.repeat_interleave(group, 1)
+        s = torch.einsum("hd,lhd->hl", q[b].float(), kb) * scale
+        out.append(torch.einsum("hl,lhd->hd", s.softmax(-1), vb))
+    return torch.stack(out)
+
+gen = torch.Generator().manual_seed(0)
+worst = 0.0
+for heads, kv_heads, d, lens in [(4, 2, 16, [1, 7, 40]), (4, 4, 32, [33]), (8, 1, 16, [5, 64, 2])]:
+    slots = 200
+    k = torch.randn(slots, kv_heads, d, generator=gen)
+    v = torch.randn(slots, kv_heads, d, generator=gen)
+    r2t = torch.zeros(len(lens) + 1, 80, dtype=torch.int64)
+    for b, n in enumerate(lens):
+        r2t[b + 1, :n] = torch.randperm(slots - 1, generator=gen)[:n] + 1
+    idx = torch.arange(1, len(lens) + 1)
+    seq = torch.tensor(lens)
+    q = torch.randn(len(lens), heads, d, generator=gen)
+    got = decode_attention(q, k, v, r2t, idx, seq, d ** -0.5, splits=4, block_n=8)
+    worst = max(worst, (got - reference(q, k, v, r2t, idx, seq, d ** -0.5)).abs().max().item())
+print("max error", worst)
+"""
+
+
+def test_decode_kernel_matches_the_reference_under_the_interpreter() -> None:
+    pytest.importorskip("triton", reason="Triton is not installed")
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = float(proc.stdout.strip().splitlines()[-1].split()[-1])
+    assert error < 1e-4, f"max error {error}"
