@@ -56,3 +56,38 @@ def test_decode_kernel_matches_the_reference_under_the_interpreter() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     error = float(proc.stdout.strip().splitlines()[-1].split()[-1])
     assert error < 1e-4, f"max error {error}"
+
+
+MODEL_CHECK = """
+import torch, test_llama_vs_hf as t
+from lmprog.runtime.models.llama import LlamaForCausalLM
+import transformers
+config = t._configs()["llama3_gqa"]
+torch.manual_seed(0)
+hf = transformers.AutoModelForCausalLM.from_config(config)
+model = LlamaForCausalLM(config)
+model.load_weights(hf.state_dict().items())
+ids = t.tokens(12, seed=3)
+got = t._decode_rows(model, ids, "triton")
+want = t._decode_rows(model, ids, "torch_native")
+print("max error", (got - want).abs().max().item())
+"""
+
+
+def test_backend_decodes_a_model_as_torch_native_does() -> None:
+    """The `triton` backend's decode steps on a tiny Llama (2 requests, page_size 4) give the
+    torch_native backend's logits."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    pytest.importorskip("transformers")
+    proc = subprocess.run(
+        [sys.executable, "-c", MODEL_CHECK],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=os.path.dirname(__file__),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = float(proc.stdout.strip().splitlines()[-1].split()[-1])
+    assert error < 1e-4, f"max error {error}"

@@ -10,6 +10,7 @@ from lmprog.runtime.layers.attention.base import AttentionBackend
 _BACKENDS: dict[str, str] = {
     "torch_native": "lmprog.runtime.layers.attention.torch_native:TorchNativeAttnBackend",
     "cpu": "lmprog.runtime.layers.attention.cpu:CpuAttnBackend",
+    "triton": "lmprog.runtime.layers.attention.triton_backend:TritonAttnBackend",
 }
 
 
