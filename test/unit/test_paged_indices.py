@@ -4,12 +4,9 @@ interpreter is chosen when Triton is imported), and the reference against a hand
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_interpret import run_interpreted
 
 from lmprog.runtime.layers.attention.paged_indices import paged_kv_indices_reference
 
@@ -60,14 +57,4 @@ print("mismatches", bad)
 
 def test_triton_builder_matches_the_reference_under_the_interpreter() -> None:
     pytest.importorskip("triton", reason="Triton is not installed")
-    proc = subprocess.run(
-        [sys.executable, "-c", CHECK],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=os.path.dirname(__file__),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "mismatches []"
+    assert run_interpreted(CHECK) == "mismatches []"

@@ -4,11 +4,8 @@ when Triton is imported). Small shapes: the interpreter runs each program in num
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+from triton_interpret import run_interpreted
 
 CHECK = """
 import torch
@@ -45,16 +42,7 @@ print("max error", worst)
 
 def test_decode_kernel_matches_the_reference_under_the_interpreter() -> None:
     pytest.importorskip("triton", reason="Triton is not installed")
-    proc = subprocess.run(
-        [sys.executable, "-c", CHECK],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    error = float(proc.stdout.strip().splitlines()[-1].split()[-1])
+    error = float(run_interpreted(CHECK).split()[-1])
     assert error < 1e-4, f"max error {error}"
 
 
@@ -79,15 +67,5 @@ def test_backend_decodes_a_model_as_torch_native_does() -> None:
     torch_native backend's logits."""
     pytest.importorskip("triton", reason="Triton is not installed")
     pytest.importorskip("transformers")
-    proc = subprocess.run(
-        [sys.executable, "-c", MODEL_CHECK],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=os.path.dirname(__file__),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    error = float(proc.stdout.strip().splitlines()[-1].split()[-1])
+    error = float(run_interpreted(MODEL_CHECK).split()[-1])
     assert error < 1e-4, f"max error {error}"

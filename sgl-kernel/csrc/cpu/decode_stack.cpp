@@ -94,7 +94,7 @@ class DecodeStack {
                                             kv_heads_);
       at::Tensor attn = at::empty({batch, heads_, v_bufs[i].size(2)}, q.options());
       if (cascade) {
-        ops_.cascade_attention().call(q, k_bufs[i], v_bufs[i], attn, req_to_token,
+        ops_.cascade_attention.call(q, k_bufs[i], v_bufs[i], attn, req_to_token,
                                       req_pool_indices, seq_lens, *group_of, *group_prefix_lens,
                                       scale_);
       } else {
@@ -129,11 +129,8 @@ class DecodeStack {
     using CascadeSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, double);
-    // Looked up on first use: a stack without shared prefixes never needs it.
-    c10::TypedOperatorHandle<CascadeSig> cascade_attention() const {
-      static auto op = find_op<CascadeSig>("sgl_kernel::cascade_decode_attention");
-      return op;
-    }
+    c10::TypedOperatorHandle<CascadeSig> cascade_attention =
+        find_op<CascadeSig>("sgl_kernel::cascade_decode_attention");
     using Int8Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&);
     c10::TypedOperatorHandle<Int8Sig> int8_linear = find_op<Int8Sig>("sgl_kernel::int8_linear");
     using GgufSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,

@@ -18,6 +18,7 @@ that read them; it cannot be exact under a prefix cache.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -91,12 +92,21 @@ def _llama3_inv_freq(
 class RopeRows:
     """The cos/sin rows of one step's positions, looked up once and used by every layer:
     `cos32`/`sin32` float32 [T, D/2] (what the fused kernel takes) and `cos`/`sin` in the
-    activation dtype, [T, 1, D/2] to broadcast over heads (what `RotaryEmbedding.apply` takes)."""
+    activation dtype, [T, 1, D/2] to broadcast over heads (what `RotaryEmbedding.apply` takes).
+    The latter are made on first use: the fused paths (the kernel, the C++ decode stack) never
+    read them."""
 
     cos32: torch.Tensor
     sin32: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    dtype: torch.dtype
+
+    @functools.cached_property
+    def cos(self) -> torch.Tensor:
+        return self.cos32.to(self.dtype)[:, None, :]
+
+    @functools.cached_property
+    def sin(self) -> torch.Tensor:
+        return self.sin32.to(self.dtype)[:, None, :]
 
 
 class RotaryEmbedding(nn.Module):
@@ -142,7 +152,7 @@ class RotaryEmbedding(nn.Module):
         # .float(): a bf16 model's `.to(dtype)` casts the tables too; a bf16-rounded cos rounds
         # to the same bf16 value again, so either table gives the reference's numbers.
         cos32, sin32 = self.cos_cache[positions].float(), self.sin_cache[positions].float()
-        return RopeRows(cos32, sin32, cos32.to(dtype)[:, None, :], sin32.to(dtype)[:, None, :])
+        return RopeRows(cos32, sin32, dtype)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

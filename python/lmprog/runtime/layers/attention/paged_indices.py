@@ -26,8 +26,12 @@ except ImportError:  # lmprog runs without Triton; only the GPU backends need it
     triton = None
 
 
-def pages_per_request(seq_lens_cpu: list[int], page_size: int) -> list[int]:
-    return [(n + page_size - 1) // page_size for n in seq_lens_cpu]
+def _pages_and_indptr(seq_lens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pages per request and their int32 prefix sums (kv_indptr), on seq_lens' device."""
+    pages = (seq_lens + page_size - 1) // page_size
+    indptr = torch.zeros(len(pages) + 1, dtype=torch.int32, device=seq_lens.device)
+    indptr[1:] = torch.cumsum(pages, 0)
+    return pages, indptr
 
 
 def paged_kv_indices_reference(
@@ -37,9 +41,7 @@ def paged_kv_indices_reference(
     page_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kv_indptr, kv_indices, kv_last_page_len), int32, in plain torch (one request at a time)."""
-    pages = (seq_lens + page_size - 1) // page_size
-    indptr = torch.zeros(len(pages) + 1, dtype=torch.int32, device=seq_lens.device)
-    indptr[1:] = torch.cumsum(pages, 0)
+    pages, indptr = _pages_and_indptr(seq_lens, page_size)
     parts = [
         req_to_token[row, : int(n) * page_size : page_size] // page_size
         for row, n in zip(req_pool_indices.tolist(), pages.tolist())
@@ -86,10 +88,8 @@ def build_paged_kv_indices(
     """`paged_kv_indices_reference`'s result, built by a Triton kernel on the tensors' device."""
     assert triton is not None, "build_paged_kv_indices needs Triton"
     dev = seq_lens.device
-    total = sum(pages_per_request(seq_lens_cpu, page_size))
-    pages = (seq_lens + page_size - 1) // page_size
-    indptr = torch.zeros(len(seq_lens_cpu) + 1, dtype=torch.int32, device=dev)
-    indptr[1:] = torch.cumsum(pages, 0)
+    total = sum((n + page_size - 1) // page_size for n in seq_lens_cpu)  # no device sync
+    _, indptr = _pages_and_indptr(seq_lens, page_size)
     indices = torch.empty(total, dtype=torch.int32, device=dev)
     last = torch.empty(len(seq_lens_cpu), dtype=torch.int32, device=dev)
     if seq_lens_cpu:
