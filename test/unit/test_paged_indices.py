@@ -49,7 +49,12 @@ for page_size in (1, 4, 16):
         seq = torch.tensor(lens, dtype=torch.int64)
         got = build_paged_kv_indices(rows, idx, seq, lens, page_size)
         want = paged_kv_indices_reference(rows, idx, seq, page_size)
-        if not all(torch.equal(g, w) for g, w in zip(got, want)):
+        same = all(torch.equal(g, w) for g, w in zip(got, want))
+        host = torch.equal(got.indptr_host, want[0]) and torch.equal(got.last_page_len_host, want[2])
+        buf = torch.full((got.indices.numel() + 5,), -1, dtype=torch.int32)
+        into = build_paged_kv_indices(rows, idx, seq, lens, page_size, indices_out=buf)
+        kept = torch.equal(buf[: got.indices.numel()], want[1]) and bool((buf[got.indices.numel():] == -1).all())
+        if not (same and host and kept and (not lens or into.indices.data_ptr() == buf.data_ptr())):
             bad.append((page_size, lens))
 print("mismatches", bad)
 """

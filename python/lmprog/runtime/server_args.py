@@ -96,11 +96,22 @@ class ServerArgs:
     attention_backend: str = field(
         default="auto",
         metadata={
-            "help": "Attention implementation: auto (the best the device offers: cpu when "
-            "sgl_kernel is installed, else torch_native), cpu (sgl_kernel's paged kernels), "
-            "torch_native (the torch reference), triton (Triton kernels, for GPUs; decode only "
-            "so far)."
+            "help": "Attention implementation: auto (the best the device offers: on CPU cpu "
+            "when sgl_kernel is installed, else torch_native; on CUDA flashinfer when it is "
+            "installed, else triton), cpu (sgl_kernel's paged kernels), flashinfer (FlashInfer's "
+            "paged kernels, CUDA), triton (Triton kernels, for GPUs), torch_native (the torch "
+            "reference)."
         },
+    )
+    cuda_graph_max_bs: int | None = field(
+        default=None,
+        metadata={
+            "help": "CUDA: largest decode batch run through a captured CUDA graph (default: "
+            "max_running_requests); larger batches run eagerly."
+        },
+    )
+    disable_cuda_graph: bool = field(
+        default=False, metadata={"help": "CUDA: run decode steps eagerly, without CUDA graphs."}
     )
     seed: int | None = field(
         default=None, metadata={"help": "Seed of the engine's RNG (unseeded requests draw here)."}
@@ -141,6 +152,11 @@ class ServerArgs:
             ("max_request_bytes", self.max_request_bytes > 0, "> 0"),
             ("grammar_cache_size", self.grammar_cache_size >= 1, ">= 1"),
             ("mem_fraction_static", 0 < self.mem_fraction_static <= 1, "in (0, 1]"),
+            (
+                "cuda_graph_max_bs",
+                self.cuda_graph_max_bs is None or self.cuda_graph_max_bs >= 1,
+                ">= 1 (or unset)",
+            ),
             (
                 "dtype",
                 self.dtype in ("auto", "float32", "bfloat16", "float16"),

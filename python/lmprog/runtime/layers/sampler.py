@@ -70,6 +70,12 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [B, K] float32
     top_logprob_ids: torch.Tensor | None  # [B, K] int64
 
+    def to_host(self) -> SamplerOutput:
+        """The same on the CPU: the step's one read-back (the first copy waits for the GPU,
+        the rest find the results ready), so per-row reads cost no device sync."""
+        tensors = (self.next_token_ids, self.logprobs, self.top_logprobs, self.top_logprob_ids)
+        return SamplerOutput(*(None if t is None else t.cpu() for t in tensors))
+
     def row_logprobs(self, row: int, k: int) -> tuple[float, dict[int, float]]:
         """Row `row`'s chosen-token logprob and its top `k` as {token id: logprob}."""
         top: dict[int, float] = {}

@@ -222,26 +222,19 @@ def build_forward_batch(
         assert all(e == p + 1 == len(r.fill_ids) for r, p, e in zip(reqs, prefix_lens, ends)), (
             "decode of a stale request"
         )
-    row = req_to_token_pool.req_to_token
-    last_locs = [int(row[r.req_pool_idx, r.kv_len - 1]) if r.kv_len else 0 for r in reqs]
-    out_cache_loc = alloc_extend(prefix_lens, ends, last_locs)
+    last_locs = [req_to_token_pool.last_slot(r.req_pool_idx, r.kv_len) for r in reqs]
+    out_cache_loc = alloc_extend(prefix_lens, ends, last_locs)  # host int64
     if out_cache_loc is None:
         return None
+    rows = [r.req_pool_idx for r in reqs]
+    extend_lens = [e - p for p, e in zip(prefix_lens, ends)]
+    req_to_token_pool.write_runs(rows, prefix_lens, extend_lens, out_cache_loc)
     input_ids: list[int] = []
-    start = 0
     for r, p, e in zip(reqs, prefix_lens, ends):
         input_ids.extend(r.fill_ids[p:e])
-        req_to_token_pool.write(r.req_pool_idx, p, out_cache_loc[start : start + e - p])
-        start += e - p
         r.kv_len = e
     return ForwardBatch.build(
-        mode,
-        input_ids,
-        [r.req_pool_idx for r in reqs],
-        prefix_lens,
-        [e - p for p, e in zip(prefix_lens, ends)],
-        out_cache_loc,
-        device,
+        mode, input_ids, rows, prefix_lens, extend_lens, out_cache_loc, device
     )
 
 

@@ -453,7 +453,7 @@ class Scheduler:
         matchers = [r.matcher for r in rows]
         if any(m is not None for m in matchers):
             apply_masks(logits, matchers)
-        out = self.sampler(logits, info)
+        out = self.sampler(logits, info).to_host()
         next_ids = out.next_token_ids.tolist()
         for i, (req, token) in enumerate(zip(rows, next_ids)):
             try:
@@ -513,7 +513,7 @@ class Scheduler:
         """An embedding step's [B, hidden] rows: each request whose prompt is complete gets
         its vector and finishes (a chunk's row is not an embedding yet)."""
         done = []
-        for req, row in zip(batch.reqs, pooled):
+        for req, row in zip(batch.reqs, pooled.cpu()):  # one read-back for the batch
             if batch.mode.is_extend:
                 self.tree_cache.cache_unfinished_req(req)
                 if req.kv_len < len(req.fill_ids):
@@ -572,7 +572,9 @@ class Scheduler:
             if tail:
                 slots = self._alloc_extend([0], [tail], [0])
                 assert slots is not None, "admission reserved the copied tail"
-                self.model_runner.token_to_kv_pool.copy_slots(row[shared : req.kv_len], slots)
+                self.model_runner.token_to_kv_pool.copy_slots(
+                    row[shared : req.kv_len], slots.to(row.device)
+                )
                 self.req_to_token_pool.write(child.req_pool_idx, shared, slots)
             child.kv_len = req.kv_len
             family.append(child)

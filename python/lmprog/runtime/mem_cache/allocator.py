@@ -8,6 +8,9 @@ A request's tokens fill its pages in order, so the slot of position `pos` is
     slots     [8 9 10 11][20 21 22 23]         and a new page takes position 8.
 
 Page 0 (slots [0, page_size)) is the padding page and is never handed out.
+
+The bookkeeping and the slots it returns live on the host: the step that uses them moves them
+to the device in its one host-to-device copy (ForwardBatch.build).
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ import torch
 class TokenToKVPoolAllocator:
     """Free-list of KV pages. `size` usable slots = `size // page_size` pages after page 0."""
 
-    def __init__(self, size: int, page_size: int = 1, device: torch.device | str = "cpu") -> None:
+    def __init__(self, size: int, page_size: int = 1) -> None:
         assert page_size >= 1 and size >= page_size, (size, page_size)
         self.page_size = page_size
         self.num_pages = size // page_size
         self.size = self.num_pages * page_size
-        self.device = torch.device(device)
         self.clear()
 
     def clear(self) -> None:
@@ -49,7 +51,7 @@ class TokenToKVPoolAllocator:
             # NOTE: the tail of the last page stays with this request (it fills it later);
             # the page is freed as a whole when the request frees any slot of it.
             slots = slots[:num_tokens]
-        return slots.to(self.device)
+        return slots
 
     def extend_need(self, prefix_lens: list[int], seq_lens: list[int]) -> int:
         """Free slots `alloc_extend` takes for these requests (whole new pages)."""
@@ -83,7 +85,7 @@ class TokenToKVPoolAllocator:
                 next_page += n_new
                 slots = (mine[:, None] * p + torch.arange(p)).flatten()
                 out.append(slots[: s - pre - max(in_page, 0)])
-        return torch.cat(out).to(self.device) if out else torch.empty(0, dtype=torch.int64)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
     def free(self, slots: torch.Tensor) -> None:
         """Returns the pages of these slots (a request frees whole pages it owns)."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from lmprog.runtime.host_copy import to_device_packed
+
 
 class ReqToTokenPool:
     """Maps (request slot, token position) to the KV slot holding that token's KV."""
@@ -22,7 +24,16 @@ class ReqToTokenPool:
         assert size >= 1 and max_context_len >= 1, (size, max_context_len)
         self.size = size
         self.max_context_len = max_context_len
-        self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int64, device=device)
+        self.device = torch.device(device)
+        # Host record of each row's furthest written position and its slot, so the allocator
+        # learns where a request's last page ends without reading the device table.
+        self._tail: list[tuple[int, int]] = [(-1, 0)] * (size + 1)
+        # One more row than slots: `padding_row`, all zeros and never handed out, is what padded
+        # batch rows (CUDA graph buckets) point at, so they read KV slot 0 of the padding page.
+        self.padding_row = size
+        self.req_to_token = torch.zeros(
+            (size + 1, max_context_len), dtype=torch.int64, device=device
+        )
         self._free: list[int] = list(range(size))
 
     def available_size(self) -> int:
@@ -30,17 +41,56 @@ class ReqToTokenPool:
 
     def alloc(self) -> int | None:
         """A free request slot, or None when all are taken."""
-        return self._free.pop() if self._free else None
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._tail[slot] = (-1, 0)
+        return slot
 
     def free(self, slot: int) -> None:
         assert 0 <= slot < self.size and slot not in self._free, f"bad free of req slot {slot}"
         self._free.append(slot)
 
     def write(self, slot: int, start: int, kv_slots: torch.Tensor) -> None:
-        """Records that positions [start, start + len(kv_slots)) of request `slot` live there."""
-        end = start + kv_slots.numel()
+        """Records that positions [start, start + len(kv_slots)) of request `slot` live in
+        `kv_slots` (host int64)."""
+        self.write_runs([slot], [start], [kv_slots.numel()], kv_slots)
+
+    def write_runs(
+        self, slots: list[int], starts: list[int], lens: list[int], kv_slots: torch.Tensor
+    ) -> None:
+        """`write` for several requests in one device copy: request slots[i]'s positions
+        [starts[i], starts[i] + lens[i]) live in the next lens[i] entries of `kv_slots` (host
+        int64, the runs concatenated)."""
+        assert kv_slots.device.type == "cpu", "KV slots are written from the host"
+        assert sum(lens) == kv_slots.numel(), f"{sum(lens)} positions, {kv_slots.numel()} slots"
+        end = max((s + n for s, n in zip(starts, lens)), default=0)
         assert end <= self.max_context_len, f"position {end} > context {self.max_context_len}"
-        self.req_to_token[slot, start:end] = kv_slots
+        taken = 0
+        for slot, start, n in zip(slots, starts, lens):
+            taken += n
+            if n and start + n - 1 >= self._tail[slot][0]:
+                self._tail[slot] = (start + n - 1, int(kv_slots[taken - 1]))
+        if not taken:
+            return
+        counts = torch.tensor(lens)
+        run_starts = torch.cumsum(counts, 0) - counts
+        shift = torch.repeat_interleave(run_starts - torch.tensor(starts), counts)
+        cols = torch.arange(taken) - shift
+        flat = torch.repeat_interleave(torch.tensor(slots), counts) * self.max_context_len + cols
+        index, values = to_device_packed([flat, kv_slots], torch.int64, self.device)
+        self.req_to_token.view(-1)[index] = values
+
+    def last_slot(self, slot: int, kv_len: int) -> int:
+        """The KV slot of position kv_len - 1 of request `slot` (0 when it has no KV), read
+        from the host record rather than the device table."""
+        if kv_len == 0:
+            return 0
+        pos, kv_slot = self._tail[slot]
+        assert pos == kv_len - 1, (
+            f"request row {slot}: last written position {pos}, not {kv_len - 1}"
+        )
+        return kv_slot
 
     def check_integrity(self) -> None:
         assert len(set(self._free)) == len(self._free), "a request slot was freed twice"

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmprog.runtime.host_copy import to_device_packed
+
 if TYPE_CHECKING:
     from lmprog.runtime.layers.attention.base import AttentionBackend
     from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPool
@@ -100,19 +102,22 @@ class ForwardBatch:
         positions = torch.cat(
             [torch.arange(p, s, dtype=torch.int64) for p, s in zip(prefix_lens, seq_lens)]
         )
-
-        def t(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64, device=device)
-
+        # Every index tensor of the step in one host-to-device copy (host_copy.py).
+        ids, pos, rows, lens, prefix, ext, loc = to_device_packed(
+            [input_ids, positions, req_pool_indices, seq_lens, prefix_lens, extend_lens,
+             out_cache_loc.to("cpu")],
+            torch.int64,
+            torch.device(device),
+        )  # fmt: skip
         return cls(
             forward_mode=mode,
-            input_ids=t(input_ids),
-            positions=positions.to(device),
-            req_pool_indices=t(req_pool_indices),
-            seq_lens=t(seq_lens),
-            extend_prefix_lens=t(prefix_lens),
-            extend_seq_lens=t(extend_lens),
-            out_cache_loc=out_cache_loc.to(device=device, dtype=torch.int64),
+            input_ids=ids,
+            positions=pos,
+            req_pool_indices=rows,
+            seq_lens=lens,
+            extend_prefix_lens=prefix,
+            extend_seq_lens=ext,
+            out_cache_loc=loc,
             seq_lens_cpu=seq_lens,
             extend_prefix_lens_cpu=list(prefix_lens),
             extend_seq_lens_cpu=list(extend_lens),

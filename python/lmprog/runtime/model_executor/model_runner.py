@@ -14,6 +14,7 @@ from lmprog.runtime.layers.linear_bf16 import pack_bf16_linears
 from lmprog.runtime.layers.quantization import quantize_model
 from lmprog.runtime.mem_cache.allocator import TokenToKVPoolAllocator
 from lmprog.runtime.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPool
+from lmprog.runtime.model_executor.cuda_graph_runner import CudaGraphRunner
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch
 from lmprog.runtime.model_loader import LoadedModel, load_model
 from lmprog.runtime.model_loader.pooling_config import PoolingConfig, read_pooling_config
@@ -55,7 +56,8 @@ class ModelRunner:
         self.attention_backend = resolve_backend_name(
             server_args.attention_backend, self.device.type
         )
-        self.attn_backend = create_attention_backend(self.attention_backend)
+        self.attn_backend = create_attention_backend(self.attention_backend, **self._backend_args())
+        self.graph_runner = self._init_cuda_graphs()
         logger.info(
             "loaded %s in %.1fs: context %d, KV pool %d tokens, attention %s, CPU path %s",
             server_args.model_path,
@@ -65,6 +67,31 @@ class ModelRunner:
             self.attention_backend,
             cpu_path(),
         )
+
+    def _backend_args(self) -> dict[str, object]:
+        """What an attention backend is built with: the model's heads and the pool's layout."""
+        _, kv_heads, head_dim = kv_shape(self.config)
+        return {
+            "num_heads": self.config.num_attention_heads,
+            "num_kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "dtype": self.dtype,
+            "device": self.device,
+            "page_size": self.server_args.page_size,
+        }
+
+    def _init_cuda_graphs(self) -> CudaGraphRunner | None:
+        """Decode-step graphs on CUDA, unless disabled or the backend cannot be captured."""
+        args = self.server_args
+        if self.device.type != "cuda" or args.disable_cuda_graph or self.pooling is not None:
+            return None
+        if not self.attn_backend.supports_cuda_graph:
+            logger.info(
+                "CUDA graphs off: attention backend %s is not capturable", self.attention_backend
+            )
+            return None
+        max_bs = min(args.cuda_graph_max_bs or args.max_running_requests, args.max_running_requests)
+        return CudaGraphRunner(self, max_bs)
 
     def _build_model(self) -> torch.nn.Module:
         cls = get_model_class(list(getattr(self.config, "architectures", None) or []))
@@ -129,7 +156,7 @@ class ModelRunner:
         args = self.server_args
         layers, kv_heads, head_dim = kv_shape(self.config)
         bpt = TokenToKVPool.bytes_per_token(layers, kv_heads, head_dim, self.dtype)
-        self.allocator = TokenToKVPoolAllocator(self._pool_tokens(bpt), args.page_size, self.device)
+        self.allocator = TokenToKVPoolAllocator(self._pool_tokens(bpt), args.page_size)
         self.max_total_tokens = self.allocator.size
         self.token_to_kv_pool = TokenToKVPool(
             self.max_total_tokens,
@@ -151,5 +178,7 @@ class ModelRunner:
         forward_batch.req_to_token_pool = self.req_to_token_pool
         forward_batch.token_to_kv_pool = self.token_to_kv_pool
         forward_batch.attn_backend = self.attn_backend
+        if self.graph_runner is not None and self.graph_runner.can_run(forward_batch):
+            return self.graph_runner.replay(forward_batch)
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model(forward_batch)

@@ -22,6 +22,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from lmprog.runtime.host_copy import to_device
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 
@@ -71,7 +72,7 @@ class PenaltyInputs:
             prompt_rows,
             prompt_ids_flat,
         )
-        return cls(*(t.to(device, non_blocking=True) for t in tensors))
+        return cls(*(to_device(t, torch.device(device)) for t in tensors))
 
 
 def flatten_rows(

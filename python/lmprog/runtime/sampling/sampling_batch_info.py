@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmprog.runtime.host_copy import to_device, to_device_packed
 from lmprog.runtime.sampling.penalties import PenaltyInputs, flatten_rows
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
@@ -127,32 +128,41 @@ class SamplingBatchInfo:
         bias_rows, bias_ids, bias_values = _logit_bias_cells(params, vocab_size)
         requested = [p.logprobs for p in params if p.logprobs is not None]
 
-        def on_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+        # Two host-to-device copies for all rows (host_copy.py): the int64 inputs, the floats.
+        dev = torch.device(device)
+        greedy_t, plain_t, truncated_t, top_ks_t, seeds_t, steps_t = to_device_packed(
+            [greedy, plain, truncated, top_ks, [_as_int64(s) for s in seeds],
+             [len(ids) for ids in output_ids]],
+            torch.int64,
+            dev,
+        )  # fmt: skip
+        temperatures, top_ps, min_ps = to_device_packed(
+            [[1.0 if p.is_greedy else p.temperature for p in params],
+             [p.top_p for p in params], [p.min_p for p in params]],
+            torch.float32,
+            dev,
+        )  # fmt: skip
         return cls(
             batch_size=batch,
             vocab_size=vocab_size,
-            device=torch.device(device),
-            greedy_rows=on_device(greedy, torch.int64),
-            plain_rows=on_device(plain, torch.int64),
-            truncated_rows=on_device(truncated, torch.int64),
-            temperatures=on_device(
-                [1.0 if p.is_greedy else p.temperature for p in params], torch.float32
-            ),
-            top_ks=on_device(top_ks, torch.int64),
-            top_ps=on_device([p.top_p for p in params], torch.float32),
-            min_ps=on_device([p.min_p for p in params], torch.float32),
-            seeds=on_device([_as_int64(s) for s in seeds], torch.int64),
-            steps=on_device([len(ids) for ids in output_ids], torch.int64),
+            device=dev,
+            greedy_rows=greedy_t,
+            plain_rows=plain_t,
+            truncated_rows=truncated_t,
+            temperatures=temperatures,
+            top_ks=top_ks_t,
+            top_ps=top_ps,
+            min_ps=min_ps,
+            seeds=seeds_t,
+            steps=steps_t,
             max_top_k=max(used_ks, default=0),
             all_truncated_use_top_k=len(used_ks) == len(truncated) > 0,
             need_top_k=bool(used_ks),
             need_top_p=any(params[i].top_p < 1.0 for i in truncated),
             need_min_p=any(params[i].min_p > 0.0 for i in truncated),
             penalties=PenaltyInputs.from_rows(params, output_ids, prompt_ids, vocab_size, device),
-            min_tokens_rows=None if min_rows is None else min_rows.to(device),
-            min_tokens_ids=None if min_ids is None else min_ids.to(device),
+            min_tokens_rows=_maybe_to(min_rows, dev),
+            min_tokens_ids=_maybe_to(min_ids, dev),
             logit_bias_rows=_maybe_to(bias_rows, device),
             logit_bias_ids=_maybe_to(bias_ids, device),
             logit_bias_values=_maybe_to(bias_values, device),
@@ -226,4 +236,4 @@ def _logit_bias_cells(
 
 
 def _maybe_to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(device, non_blocking=True)
+    return None if tensor is None else to_device(tensor, device)

@@ -29,6 +29,18 @@ from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMod
 class AttentionBackend(ABC):
     """One implementation of paged attention (torch_native, triton, flashinfer, ...)."""
 
+    # Decode steps can be captured in CUDA graphs (model_executor/cuda_graph_runner.py): the
+    # layers' work reads only device tensors whose addresses stay fixed, and no host sync.
+    supports_cuda_graph: bool = False
+
+    def init_cuda_graph_state(self, max_bs: int, max_pages: int) -> None:
+        """Allocates the static buffers captured decode steps read (graph backends only)."""
+
+    def init_forward_metadata_graph(self, forward_batch: ForwardBatch) -> None:
+        """`init_forward_metadata` for a padded decode batch of a captured batch size; runs
+        before its capture and before every replay, outside the graph."""
+        self.init_forward_metadata(forward_batch)
+
     @abstractmethod
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         """Prepares per-step metadata into `forward_batch.attn_metadata`."""

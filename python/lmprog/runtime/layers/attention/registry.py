@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from lmprog.runtime.layers.attention.base import AttentionBackend
 
@@ -11,18 +12,28 @@ _BACKENDS: dict[str, str] = {
     "torch_native": "lmprog.runtime.layers.attention.torch_native:TorchNativeAttnBackend",
     "cpu": "lmprog.runtime.layers.attention.cpu:CpuAttnBackend",
     "triton": "lmprog.runtime.layers.attention.triton_backend:TritonAttnBackend",
+    "flashinfer": "lmprog.runtime.layers.attention.flashinfer_backend:FlashInferAttnBackend",
 }
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def resolve_backend_name(name: str, device: str) -> str:
     """`auto` is the best backend the device offers: on CPU, `cpu` when the kernels are there,
-    else `torch_native`."""
+    else `torch_native`; on CUDA, `flashinfer` when it is installed, else `triton`, else
+    `torch_native`."""
     if name != "auto":
         return name
     if device == "cpu":
         from lmprog.runtime.layers.cpu_kernels import cpu_kernels
 
         return "cpu" if cpu_kernels() is not None else "torch_native"
+    if device == "cuda":
+        for backend, module in (("flashinfer", "flashinfer"), ("triton", "triton")):
+            if _importable(module):
+                return backend
     return "torch_native"
 
 

@@ -17,6 +17,8 @@ from lmprog.runtime.model_executor.forward_batch import ForwardBatch
 
 
 class TritonAttnBackend(TorchNativeAttnBackend):
+    supports_cuda_graph = True  # decode reads only the batch's device tensors
+
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
         if triton_decode.triton is None:
