@@ -1,6 +1,7 @@
 """The Triton extend attention kernel (layers/attention/triton_extend.py) against a gather +
 softmax reference, on CPU under TRITON_INTERPRET=1 (in a subprocess: the interpreter is chosen
-when Triton is imported). Small shapes: the interpreter runs each program in numpy."""
+when Triton is imported), and the `triton` backend's extend steps on a tiny Llama against the
+torch_native backend's. Small shapes: the interpreter runs each program in numpy."""
 
 from __future__ import annotations
 
@@ -95,3 +96,53 @@ def test_extend_kernel_in_half_precision() -> None:
     interpreter cannot multiply bf16 (triton-lang/triton#11584)."""
     error = float(run_interpreted(FP16_CHECK).split()[-1])
     assert error < 2e-3, f"max error {error}"
+
+
+MODEL_CHECK = """
+import torch, test_llama_vs_hf as t
+from lmprog.runtime.models.llama import LlamaForCausalLM
+import transformers
+config = t._configs()["llama3_gqa"]
+torch.manual_seed(0)
+hf = transformers.AutoModelForCausalLM.from_config(config)
+model = LlamaForCausalLM(config)
+model.load_weights(hf.state_dict().items())
+
+def logits(backend):
+    runner = t.PagedRunner(model, page_size=4, backend=backend)
+    seqs = [t.tokens(n, seed=10 + i) for i, n in enumerate((13, 8, 75))]
+    prefix = (6, 0, 66)
+    reqs = [runner.new_request() for _ in seqs]
+    rows = runner.step(t.EXTEND, [(r, s[:p]) for r, s, p in zip(reqs, seqs, prefix) if p])
+    rows += runner.step(t.EXTEND, [(r, s[p:]) for r, s, p in zip(reqs, seqs, prefix)])
+    rows += runner.step(t.DECODE, [(r, [5]) for r in reqs])
+    rows += runner.step(t.EXTEND, [(r, [7 + i]) for i, r in enumerate(reqs)])
+    return torch.cat(rows)
+
+got, want = logits("triton"), logits("torch_native")
+assert got.shape == want.shape == (6 + 66 + 7 + 8 + 9 + 3 + 3, t.VOCAB), got.shape
+print("max error", (got - want).abs().max().item())
+"""
+
+
+def test_backend_extends_a_model_as_torch_native_does() -> None:
+    """A tiny Llama (GQA, page_size 4) through the `triton` backend: a prefill of two prompts
+    (66 tokens: two blocks of query rows), an extend of three requests over cached prefixes of
+    6, 0 and 66 tokens, a decode step, and a one-token extend over each whole context give the
+    torch_native backend's logits."""
+    pytest.importorskip("transformers")
+    error = float(run_interpreted(MODEL_CHECK).split()[-1])
+    assert error < 1e-4, f"max error {error}"
+
+
+def test_backend_refuses_head_dims_its_decode_kernel_cannot_take() -> None:
+    """qwen3's test config has head_dim 24: the first prefill fails and says why (no kernel
+    runs, so this needs no interpreter)."""
+    pytest.importorskip("transformers")
+    import test_llama_vs_hf as t
+
+    from lmprog.runtime.models.llama import LlamaForCausalLM
+
+    runner = t.PagedRunner(LlamaForCausalLM(t._configs()["qwen3"]), backend="triton")
+    with pytest.raises(ValueError, match="power-of-two head dims; head_dim is 24"):
+        runner.step(t.EXTEND, [(runner.new_request(), t.tokens(5, seed=1))])

@@ -98,8 +98,8 @@ class ServerArgs:
         metadata={
             "help": "Attention implementation: auto (the best the device offers: cpu when "
             "sgl_kernel is installed, else torch_native), cpu (sgl_kernel's paged kernels), "
-            "torch_native (the torch reference), triton (Triton kernels, for GPUs; decode only "
-            "so far)."
+            "torch_native (the torch reference), triton (Triton kernels for extend and decode, "
+            "for GPUs; power-of-two head dims)."
         },
     )
     seed: int | None = field(
