@@ -99,8 +99,8 @@ class ServerArgs:
             "help": "Attention implementation: auto (the best the device offers: on CPU cpu "
             "when sgl_kernel is installed, else torch_native; on CUDA flashinfer when it is "
             "installed, else triton), cpu (sgl_kernel's paged kernels), flashinfer (FlashInfer's "
-            "paged kernels, CUDA), triton (Triton kernels, for GPUs), torch_native (the torch "
-            "reference)."
+            "paged kernels, CUDA), triton (Triton kernels for extend and decode, for GPUs; "
+            "power-of-two head dims), torch_native (the torch reference)."
         },
     )
     cuda_graph_max_bs: int | None = field(
