@@ -381,3 +381,27 @@ def test_gguf_files_are_hashed_by_content(tmp_path) -> None:
     (tmp_path / "c.gguf").write_bytes(b"different")
     assert file_key(tmp_path / "a.gguf") == file_key(tmp_path / "b.gguf")
     assert file_key(tmp_path / "a.gguf") != file_key(tmp_path / "c.gguf")
+
+
+def test_dummy_weights_are_seeded_random_matrices_and_unit_norms() -> None:
+    """`load_format="dummy"`: what the GPU benchmarks run real shapes with (no checkpoint)."""
+    from transformers import LlamaConfig
+
+    from lmprog.runtime.model_executor.model_runner import init_dummy_weights
+    from lmprog.runtime.models.llama import LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+    )  # fmt: skip
+    a, b = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    init_dummy_weights(a, seed=3)
+    init_dummy_weights(b, seed=3)
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), name
+        if x.dim() >= 2:
+            assert 0.015 < float(x.std()) < 0.025, (name, float(x.std()))
+        else:
+            assert bool((x == 1).all()) == ("norm" in name), name
+    init_dummy_weights(b, seed=4)
+    assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)

@@ -35,6 +35,13 @@ class ServerArgs:
             "float32), float32, bfloat16, float16."
         },
     )
+    load_format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (the checkpoint's weights) or dummy (random weights of the config's "
+            "shapes, for speed tests of models one cannot download)."
+        },
+    )
     quantization: str | None = field(
         default=None,
         metadata={
@@ -168,6 +175,7 @@ class ServerArgs:
                 "one of int8, gguf (or unset)",
             ),
             ("device", self.device in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
+            ("load_format", self.load_format in ("auto", "dummy"), "one of auto, dummy"),
             (
                 "schedule_policy",
                 self.schedule_policy in ("fcfs", "lpm", "dfs-weight"),

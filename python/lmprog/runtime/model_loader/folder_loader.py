@@ -18,7 +18,10 @@ def folder_weights(folder: str, dtype: torch.dtype) -> Iterator[tuple[str, torch
     """Yield (HF name, tensor) from every weight file of `folder`, floats cast to `dtype`."""
     files = weight_files(folder)
     if not files:
-        raise ValueError(f"model folder {folder} has no *.safetensors or pytorch_model*.bin")
+        raise ValueError(
+            f"model folder {folder} has config.json but no weights (*.safetensors or "
+            "pytorch_model*.bin); load_format='dummy' runs it with random weights"
+        )
     for path in files:
         tensors = read_tensors(path) if path.endswith(".safetensors") else _read_bin(path)
         for name, tensor in tensors:

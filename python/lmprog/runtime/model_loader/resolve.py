@@ -85,11 +85,8 @@ def _local_source(spec: str, path: str) -> ModelSource:
             )
         return ModelSource(spec=spec, kind="gguf", path=path)
     if os.path.isfile(os.path.join(path, "config.json")):
-        if not weight_files(path):
-            raise ValueError(
-                f"model folder {path} has config.json but no weights "
-                "(*.safetensors or pytorch_model*.bin)"
-            )
+        # Its weights are looked for when they are read (folder_loader.py): a folder without
+        # any serves load_format="dummy".
         return ModelSource(spec=spec, kind="folder", path=path)
     ggufs = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
     if len(ggufs) == 1:
