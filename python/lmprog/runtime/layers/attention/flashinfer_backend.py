@@ -17,8 +17,9 @@ CUDA graphs (cuda_graph_runner.py): each captured batch size gets its own decode
 FlashInfer's graph mode, whose index tensors are static buffers; before capture and before every
 replay `init_forward_metadata_graph` refills those buffers and re-plans, outside the graph.
 
-The prefill wrapper runs FlashInfer's fa2 kernels: its `auto` choice on Hopper (fa3) takes
-minutes to JIT-compile on the lent GPU machine, fa2 well under one.
+Both wrappers run FlashInfer's fa2 kernels, named rather than left to `auto`: on Hopper `auto`
+picks fa3 for prefill, which takes minutes to JIT-compile on the lent GPU machine (fa2 well under
+one), and may route decode to cuDNN, a library that machine may not have.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from lmprog.runtime.layers.attention.torch_native import TorchNativeAttnBackend
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's float scratch (split-K partial results), shared
-PREFILL_KERNELS = "fa2"
+KERNELS = "fa2"  # FlashInfer's own CUDA kernels, for decode and prefill alike
 
 
 def import_flashinfer() -> Any:
@@ -80,11 +81,14 @@ class FlashInferAttnBackend(AttentionBackend):
         self.head_dim, self.v_head_dim = head_dim, v_head_dim or head_dim
         self.dtype, self.device, self.page_size = dtype, torch.device(device), page_size
         self.scaling = scaling if scaling is not None else head_dim**-0.5
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        # FlashInfer wants its scratch zeroed before first use.
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._flashinfer = flashinfer
-        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend=KERNELS
+        )
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self.workspace, "NHD", backend=PREFILL_KERNELS
+            self.workspace, "NHD", backend=KERNELS
         )
         self.encode_backend = TorchNativeAttnBackend()
         self._graph_wrappers: dict[int, Any] = {}
@@ -132,7 +136,7 @@ class FlashInferAttnBackend(AttentionBackend):
         qo_indptr = torch.zeros(fb.batch_size + 1, dtype=torch.int32)
         qo_indptr[1:] = torch.tensor(fb.extend_seq_lens_cpu, dtype=torch.int32).cumsum(0)
         self.prefill_wrapper.plan(
-            qo_indptr,
+            qo_indptr.pin_memory(),  # FlashInfer copies it to the device: without a sync
             pages.indptr_host,
             pages.indices,
             pages.last_page_len_host,
@@ -172,6 +176,7 @@ class FlashInferAttnBackend(AttentionBackend):
                 paged_kv_indptr_buffer=self._graph_indptr[: bs + 1],
                 paged_kv_indices_buffer=self._graph_indices,
                 paged_kv_last_page_len_buffer=self._graph_last[:bs],
+                backend=KERNELS,
             )
             self._graph_wrappers[bs] = wrapper
         pages = self._pages(fb, indices_out=self._graph_indices)
