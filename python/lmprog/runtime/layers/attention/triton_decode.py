@@ -4,9 +4,11 @@ One query token per request, over its whole context, read from the pool in place
 `req_to_token` (no gather). Split-K, as in flash-decoding, so that a few long requests still fill
 the GPU:
 
-    stage 1, grid (B, H, splits): each program takes one request, one query head and one slice of
-        the context; blocks of BLOCK_N keys give scores, an online softmax keeps the running max
-        and sum, and the slice leaves (acc [Dv] unnormalized, lse) in a scratch buffer;
+    stage 1, grid (B, kv heads, splits): each program takes one request, the query heads that
+        share one kv head (GQA: each key block is read once for all of them, their scores one
+        small matmul) and one slice of the context; blocks of BLOCK_N keys give scores, an
+        online softmax keeps the running max and sum, and the slice leaves (acc [Dv]
+        normalized, lse) per head in a scratch buffer;
     stage 2, grid (B, H): the slices merge by log-sum-exp into out [B, H, Dv].
 
 The torch reference is the torch_native backend (gather + SDPA). On CPU the kernels run under
@@ -39,55 +41,65 @@ if triton is not None:
         scale,
         row_stride,
         GROUP: tl.constexpr,
+        BLOCK_H: tl.constexpr,
         KV_HEADS: tl.constexpr,
         D: tl.constexpr,
         DV: tl.constexpr,
         SPLITS: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
-        h = tl.program_id(1)
+        kv = tl.program_id(1)
         s = tl.program_id(2)
         heads = KV_HEADS * GROUP
-        kv = h // GROUP
         n = tl.load(seq_lens + b)
         row = tl.load(req_pool_indices + b)
         per = (n + SPLITS - 1) // SPLITS
         lo = s * per
         hi = tl.minimum(n, lo + per)
+        g = tl.arange(0, BLOCK_H)  # the query heads that share this kv head, padded
+        in_group = g < GROUP
+        head = kv * GROUP + g
         d = tl.arange(0, D)
         dv = tl.arange(0, DV)
-        qv = tl.load(q + (b * heads + h) * D + d).to(tl.float32)
-        m = tl.full([1], float("-inf"), tl.float32)
-        l_sum = tl.zeros([1], tl.float32)
-        acc = tl.zeros([DV], tl.float32)
+        qb = tl.load(q + (b * heads + head[:, None]) * D + d[None, :], mask=in_group[:, None])
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_sum = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, DV], tl.float32)
         for start in range(lo, hi, BLOCK_N):
             pos = start + tl.arange(0, BLOCK_N)
             valid = pos < hi
             slot = tl.load(req_to_token + row * row_stride + pos, mask=valid, other=0)
-            k = tl.load(
+            # Each key block is read once for the whole group (GQA), not once per query head.
+            kb = tl.load(
                 k_buffer + (slot[:, None] * KV_HEADS + kv) * D + d[None, :],
                 mask=valid[:, None],
                 other=0.0,
-            ).to(tl.float32)
-            score = tl.sum(k * qv[None, :], axis=1) * scale
-            score = tl.where(valid, score, float("-inf"))
-            m_new = tl.maximum(m, tl.max(score, axis=0))
-            p = tl.exp(score - m_new)
+            )
+            score = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * scale
+            score = tl.where(valid[None, :], score, float("-inf"))
+            m_new = tl.maximum(m, tl.max(score, axis=1))
+            p = tl.exp(score - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(
+            vb = tl.load(
                 v_buffer + (slot[:, None] * KV_HEADS + kv) * DV + dv[None, :],
                 mask=valid[:, None],
                 other=0.0,
-            ).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l_sum = l_sum * alpha + tl.sum(p, axis=0)
+            )
+            pv = tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + pv
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
             m = m_new
-        base = (b * heads + h) * SPLITS + s
-        tl.store(mid_acc + base * DV + dv, acc / tl.maximum(l_sum, 1e-30))
+        base = (b * heads + head) * SPLITS + s
+        tl.store(
+            mid_acc + base[:, None] * DV + dv[None, :],
+            acc / tl.maximum(l_sum, 1e-30)[:, None],
+            mask=in_group[:, None],
+        )
         # An empty slice (hi <= lo) leaves lse = -inf and weighs nothing in the merge.
         lse = tl.where(l_sum > 0, m + tl.log(tl.maximum(l_sum, 1e-30)), float("-inf"))
-        tl.store(mid_lse + base + tl.arange(0, 1), lse)
+        tl.store(mid_lse + base, lse, mask=in_group)
 
     @triton.jit
     def _decode_stage2(
@@ -110,6 +122,19 @@ if triton is not None:
         tl.store(out + (b * HEADS + h) * DV + dv, o.to(out.dtype.element_ty))
 
 
+def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Context slices per request: enough programs (batch x kv heads x splits) for about two
+    per multiprocessor, at most 16. It depends on the batch shape only, never on the lengths,
+    so a CUDA graph captured for a batch size stays right for every replay."""
+    sms = (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 4
+    )
+    want = -(-2 * sms // max(1, batch * kv_heads))
+    return min(16, triton.next_power_of_2(want))
+
+
 def decode_attention(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -118,20 +143,23 @@ def decode_attention(
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-    splits: int = 4,
+    splits: int | None = None,
     block_n: int = 32,
 ) -> torch.Tensor:
     """softmax(q . K^T * scale) V per request -> [B, H, Dv]; q [B, H, D], buffers
-    [slots, kv_heads, D or Dv]. D, Dv and `splits` must be powers of two (Triton's aranges)."""
+    [slots, kv_heads, D or Dv]. D, Dv and `splits` (default: `default_splits`) must be powers
+    of two (Triton's aranges)."""
     assert triton is not None, "the Triton decode kernel needs Triton"
     b, heads, d = q.shape
     kv_heads, dv = k_buffer.shape[1], v_buffer.shape[2]
     out = q.new_empty((b, heads, dv))
     if b == 0:
         return out
+    group = heads // kv_heads
+    splits = splits or default_splits(b, kv_heads, q.device)
     mid_acc = torch.empty((b, heads, splits, dv), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((b, heads, splits), dtype=torch.float32, device=q.device)
-    _decode_stage1[(b, heads, splits)](
+    _decode_stage1[(b, kv_heads, splits)](
         q.contiguous(),
         k_buffer,
         v_buffer,
@@ -142,12 +170,15 @@ def decode_attention(
         mid_lse,
         scale,
         req_to_token.stride(0),
-        GROUP=heads // kv_heads,
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),  # tl.dot's smallest tile
         KV_HEADS=kv_heads,
         D=d,
         DV=dv,
         SPLITS=splits,
         BLOCK_N=block_n,
+        # fp32 models multiply in full fp32, not TF32 (as the extend kernel does).
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
     )
     _decode_stage2[(b, heads)](mid_acc, mid_lse, out, HEADS=heads, DV=dv, SPLITS=splits)
     return out
