@@ -103,9 +103,11 @@ def main() -> None:
     from torch.utils.cpp_extension import BuildExtension
 
     with_cpu, with_cuda = _wanted()
-    ext_modules = ([cpu_extension()] if with_cpu else []) + (
-        [cuda_extension()] if with_cuda else []
-    )
+    ext_modules = []
+    if with_cpu:
+        ext_modules.append(cpu_extension())
+    if with_cuda:
+        ext_modules.append(cuda_extension())
     setup(
         name="sgl_kernel",
         version="0.1.0",
