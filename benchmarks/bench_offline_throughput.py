@@ -23,7 +23,7 @@ import time
 import torch
 from machine_info import header
 
-from lmprog.runtime.layers.cpu_kernels import cpu_path
+from lmprog.runtime.layers.kernels import cpu_path
 
 
 def make_prompts(tokenizer, n: int, input_len: int, seed: int) -> list[list[int]]:

@@ -23,8 +23,8 @@ import time
 from machine_info import header
 
 from lmprog import LLM, SamplingParams
-from lmprog.runtime.layers.cpu_kernels import cpu_path
 from lmprog.runtime.layers.decode_stack import ENV
+from lmprog.runtime.layers.kernels import cpu_path
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 COMPUTE_PREFIXES = ("sgl_kernel::", "mkldnn::", "aten::mm", "aten::addmm", "aten::bmm")

@@ -19,7 +19,7 @@ import torch
 from machine_info import header
 
 from lmprog import LLM, SamplingParams
-from lmprog.runtime.layers.cpu_kernels import cpu_path
+from lmprog.runtime.layers.kernels import cpu_path
 
 LINEAR = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "sgl_kernel::")
 LINEAR_KERNELS = ("bf16_linear", "int8_linear", "gguf_linear")

@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmprog.runtime.layers.attention import RadixAttention, create_attention_backend
-from lmprog.runtime.layers.cpu_kernels import cpu_kernels
+from lmprog.runtime.layers.kernels import cpu_kernels
 from lmprog.runtime.layers.layernorm import RMSNorm
 from lmprog.runtime.layers.logits_processor import fast_linear
 from lmprog.runtime.layers.quantization import quantize_model

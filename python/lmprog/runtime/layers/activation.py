@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmprog.runtime.layers.cpu_kernels import kernels_for
+from lmprog.runtime.layers.kernels import kernels_for
 
 
 class SiluAndMul(nn.Module):

@@ -21,7 +21,7 @@ from torch import nn
 
 from lmprog.runtime.layers.attention.cpu import CpuAttnBackend
 from lmprog.runtime.layers.attention.shared_prefix import SharedPrefixes
-from lmprog.runtime.layers.cpu_kernels import cpu_kernels
+from lmprog.runtime.layers.kernels import cpu_kernels
 from lmprog.runtime.layers.linear import FastLinear, onednn_linear_ok
 from lmprog.runtime.layers.linear_bf16 import PackedBf16Linear
 from lmprog.runtime.layers.quantization.gguf import GGUFLinear

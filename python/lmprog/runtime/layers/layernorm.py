@@ -6,9 +6,9 @@ the residual stream separately lets one call do "add the sublayer output, then n
     normed, residual = norm(sublayer_out, residual)   # residual <- residual + sublayer_out
 
 The residual is updated in place: it is a tensor the model's forward owns (the embedding lookup
-or an earlier sum), so no one else observes the change, and the step saves one allocation. On
-CPU with sgl_kernel, one fused kernel does the add and the norm (the sublayer output, also the
-model's own, receives the normalized values).
+or an earlier sum), so no one else observes the change, and the step saves one allocation. With
+the kernels (sgl_kernel on CPU, sgl_kernel_cuda on GPUs: layers/kernels.py), one fused kernel does
+the add and the norm (the sublayer output, also the model's own, receives the normalized values).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmprog.runtime.layers.cpu_kernels import kernels_for
+from lmprog.runtime.layers.kernels import kernels_for
 
 
 class RMSNorm(nn.Module):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmprog.runtime.layers.cpu_kernels import cpu_kernels
+from lmprog.runtime.layers.kernels import cpu_kernels
 from lmprog.runtime.layers.quantization import linear_layers, replace_module
 
 VECTOR_PATHS = ("avx512_bf16", "avx512")

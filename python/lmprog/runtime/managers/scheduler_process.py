@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from lmprog.runtime.layers.cpu_kernels import cpu_path
+from lmprog.runtime.layers.kernels import cpu_path
 from lmprog.runtime.managers import codec
 from lmprog.runtime.managers.io_struct import (
     AbortReq,

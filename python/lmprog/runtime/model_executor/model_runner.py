@@ -9,7 +9,7 @@ import torch
 
 from lmprog.runtime.layers.attention import create_attention_backend
 from lmprog.runtime.layers.attention.registry import resolve_backend_name
-from lmprog.runtime.layers.cpu_kernels import cpu_path
+from lmprog.runtime.layers.kernels import cpu_path
 from lmprog.runtime.layers.linear_bf16 import pack_bf16_linears
 from lmprog.runtime.layers.quantization import quantize_model
 from lmprog.runtime.mem_cache.allocator import TokenToKVPoolAllocator

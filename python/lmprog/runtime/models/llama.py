@@ -33,8 +33,8 @@ from torch import nn
 
 from lmprog.runtime.layers.activation import SiluAndMul
 from lmprog.runtime.layers.attention.base import RadixAttention
-from lmprog.runtime.layers.cpu_kernels import kernels_for
 from lmprog.runtime.layers.decode_stack import DecodeStack, stack_enabled
+from lmprog.runtime.layers.kernels import kernels_for
 from lmprog.runtime.layers.layernorm import RMSNorm
 from lmprog.runtime.layers.linear import linear, uninitialized
 from lmprog.runtime.layers.logits_processor import LogitsProcessor, TiedLMHead
@@ -105,8 +105,9 @@ class LlamaAttention(nn.Module):
     def _fused_rope_store(
         self, qkv: torch.Tensor, rope: RopeRows, fb: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Rotated (q, k) with k and v already written to the pool by sgl_kernel's fused op;
-        None where the op does not apply (no kernels, encode mode, a pool in another dtype)."""
+        """Rotated (q, k) with k and v already written to the pool by the kernels' fused op
+        (sgl_kernel on CPU, sgl_kernel_cuda on GPUs); None where the op does not apply (no
+        kernels, encode mode, a pool in another dtype)."""
         kernels = kernels_for(qkv)
         pool = fb.token_to_kv_pool
         if kernels is None or pool is None or fb.forward_mode is ForwardMode.ENCODE:

@@ -30,7 +30,7 @@ import torch
 from lmprog.runtime.layers.attention.base import RadixAttention
 from lmprog.runtime.layers.attention.shared_prefix import SharedPrefixes, find_shared_prefixes
 from lmprog.runtime.layers.attention.torch_native import TorchNativeAttnBackend
-from lmprog.runtime.layers.cpu_kernels import cpu_kernels
+from lmprog.runtime.layers.kernels import cpu_kernels
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 KERNEL_EXTEND_MAX = 16

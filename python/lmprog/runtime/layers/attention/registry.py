@@ -27,7 +27,7 @@ def resolve_backend_name(name: str, device: str) -> str:
     if name != "auto":
         return name
     if device == "cpu":
-        from lmprog.runtime.layers.cpu_kernels import cpu_kernels
+        from lmprog.runtime.layers.kernels import cpu_kernels
 
         return "cpu" if cpu_kernels() is not None else "torch_native"
     if device == "cuda":
