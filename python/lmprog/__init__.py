@@ -19,6 +19,9 @@ _LAZY = {
     "EmbeddingRequestOutput": "lmprog.runtime.engine.outputs",
     "ScoringRequestOutput": "lmprog.runtime.engine.outputs",
     "ServerArgs": "lmprog.runtime.server_args",
+    "BeamSearchParams": "lmprog.runtime.sampling.beam_search",
+    "BeamSearchOutput": "lmprog.runtime.sampling.beam_search",
+    "BeamSearchSequence": "lmprog.runtime.sampling.beam_search",
 }
 
 # The frontend language (no torch): `from lmprog import function, gen, RuntimeEndpoint, ...`,

@@ -418,3 +418,30 @@ def test_completions_echo_logprobs_score_the_prompt(client, llm) -> None:
     assert streamed == full.logprobs.tokens
     offsets = [o for c in chunks for o in c.logprobs.text_offset]
     assert offsets == full.logprobs.text_offset
+
+
+def test_generate_beam_search_returns_the_n_best_beams(server) -> None:
+    """The seeds' vLLM server call: `use_beam_search` with `n` beams, best first."""
+    body = {"prompt": "San Francisco is a", "use_beam_search": True, "n": 4, "temperature": 0,
+            "max_tokens": 6}  # fmt: skip
+    beams = requests.post(f"{server.url}/generate", json=body).json()
+    assert [b["meta_info"]["index"] for b in beams] == [0, 1, 2, 3]
+    scores = [b["meta_info"]["cumulative_logprob"] for b in beams]
+    assert (
+        scores == sorted(scores, reverse=True) and len({tuple(b["output_ids"]) for b in beams}) == 4
+    )
+    greedy = requests.post(
+        f"{server.url}/generate", json={"prompt": body["prompt"], "temperature": 0, "max_tokens": 6}
+    ).json()
+    assert scores[0] >= -1e-4 + _greedy_logprob(server, body["prompt"], greedy["output_ids"])
+    for bad, param in (({"temperature": 0.5}, "temperature"), ({"n": 11}, "n"),
+                       ({"stream": True}, "stream")):  # fmt: skip
+        r = requests.post(f"{server.url}/generate", json=body | bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def _greedy_logprob(server, prompt: str, ids: list[int]) -> float:
+    body = {"prompt": prompt, "temperature": 0, "max_tokens": len(ids), "return_logprob": True}
+    out = requests.post(f"{server.url}/generate", json=body).json()
+    assert out["output_ids"] == ids
+    return sum(t[0] for t in out["meta_info"]["output_token_logprobs"])

@@ -26,6 +26,7 @@ from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
 from lmprog.runtime.managers.schedule_batch import Req
 from lmprog.runtime.managers.scheduler import Scheduler
 from lmprog.runtime.managers.validation import truncate_prompt
+from lmprog.runtime.sampling.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 from lmprog.runtime.server_args import DEFAULT_MODEL, ServerArgs
 
@@ -150,6 +151,44 @@ class LLM:
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             inputs.append((text, ids))
         return self._run(inputs, sampling_params, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """The `params.beam_width` best continuations of each prompt, best first (vLLM's
+        `LLM.beam_search`; sampling/beam_search.py says how). Every step runs one token for
+        every live beam of every prompt in one batch; beams share their history's KV through
+        the prefix cache."""
+        self._require_generation("beam_search")
+        inputs = [self._tokenize(p) for p in _as_prompt_list(prompts)]
+        for i, (_, ids) in enumerate(inputs):  # the longest beams must fit the context too
+            try:
+                self.scheduler.validate(ids, SamplingParams(max_tokens=params.max_tokens))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}" if len(inputs) > 1 else str(e)) from None
+        searches = [BeamSearch(ids, params, self.scheduler.eos_token_ids) for _, ids in inputs]
+        width = searches[0].candidates_per_beam if searches else 0
+        if width > self.server_args.max_logprobs:
+            raise ValueError(
+                f"beam_width {params.beam_width} needs the top {width} logprobs per step, more "
+                f"than max_logprobs ({self.server_args.max_logprobs}): raise max_logprobs"
+            )
+        step = SamplingParams(max_tokens=1, temperature=0, logprobs=width, ignore_eos=True)
+        bar = _progress(params.max_tokens) if use_tqdm else None
+        while live := [s for s in searches if not s.done]:
+            beams = [(None, ids) for s in live for ids in s.prompts()]
+            outs = iter(self._run_to_end(beams, step, use_tqdm=False))
+            for search in live:
+                tops = [next(outs)[1][0].logprobs[0][1] for _ in search.running]
+                search.advance(tops)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [s.result(self.tokenizer.decode) for s in searches]
 
     def get_kv_stats(self) -> dict[str, int]:
         """KV accounting (total, free, evictable, protected slots; running/waiting requests)."""

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from lmprog.runtime.entrypoints.beam_search_api import beam_params, run_beam_search
 from lmprog.runtime.entrypoints.common import (
     SAMPLING_FIELDS,
     SSE_DONE,
@@ -94,8 +95,8 @@ async def _parse_generate(
     raw = body.get("sampling_params") or {}
     # vLLM's shape: sampling parameters at the top level of the body.
     flat = {k: v for k, v in body.items() if k in SAMPLING_FIELDS or k in NATIVE_ALIASES}
-    if body.get("use_beam_search"):
-        raise APIError(400, "use_beam_search is not supported (sampling only)", "use_beam_search")
+    if not isinstance(body.get("use_beam_search", False), bool):
+        raise APIError(400, "use_beam_search must be a bool", "use_beam_search")
     per_prompt = raw if isinstance(raw, list) else [raw] * len(ids)
     if len(per_prompt) != len(ids):
         raise APIError(
@@ -211,6 +212,14 @@ async def generate(request: Request) -> Any:
     for i, r in enumerate(reqs):
         where = f"prompt {i}: " if batch else ""
         validate(tm, r.input_ids, r.sampling_params, where, prompt_param, given)
+    if body.get("use_beam_search"):
+        max_logprobs = request.app.state.args.max_logprobs
+        searches = [(r, beam_params(body, r.sampling_params, max_logprobs)) for r in reqs]
+        results = await until_disconnect(
+            request, asyncio.gather(*(run_beam_search(tm, r, p) for r, p in searches))
+        )
+        flat = [item for per_prompt in results for item in per_prompt]
+        return JSONResponse(flat if batch or len(flat) > 1 else flat[0])
     stream = bool(body.get("stream"))
     states = submit(tm, reqs, stream=stream)
     start = time.perf_counter()

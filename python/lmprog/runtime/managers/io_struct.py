@@ -139,3 +139,4 @@ class SchedulerReady:
     embedding_dim: int | None = None
     attention_backend: str = ""  # the backend `auto` (or the flag) resolved to
     cpu_path: str = "torch"  # sgl_kernel's ISA (amx, avx512, avx2, scalar) or torch
+    eos_token_ids: tuple[int, ...] = ()  # the tokens that end a sequence (beam search's too)

@@ -69,6 +69,7 @@ def run_scheduler_process(
             embedding_dim=int(mr.config.hidden_size) if mr.is_embedding else None,
             attention_backend=mr.attention_backend,
             cpu_path=cpu_path(),
+            eos_token_ids=tuple(sorted(scheduler.eos_token_ids)),
         )
     )
     SchedulerLoop(scheduler, inbox, outbox).run()
