@@ -63,7 +63,9 @@ if triton is not None:
         head = kv * GROUP + g
         d = tl.arange(0, D)
         dv = tl.arange(0, DV)
-        qb = tl.load(q + (b * heads + head[:, None]) * D + d[None, :], mask=in_group[:, None])
+        qb = tl.load(
+            q + (b * heads + head[:, None]) * D + d[None, :], mask=in_group[:, None], other=0.0
+        )
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, DV], tl.float32)
