@@ -26,16 +26,15 @@ from lmprog.runtime.managers.io_struct import (
     FlushCacheReq,
     FlushCacheResult,
     GetServerInfoReq,
-    Latencies,
     RequestError,
     SchedulerReady,
-    SeqOutput,
     ServerInfo,
     TokenizedGenerateReqInput,
     internal_error,
 )
 from lmprog.runtime.managers.schedule_batch import Req
 from lmprog.runtime.managers.scheduler import Scheduler
+from lmprog.runtime.managers.seq_report import report
 from lmprog.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -103,7 +102,7 @@ class SchedulerLoop:
             return self.scheduler.fail_all(e)
 
     def _report_all(self, reqs: list[Req]) -> None:
-        reports = [out for r in reqs if r.stream or r.finished for out in self._report(r)]
+        reports = [out for r in reqs if r.stream or r.finished for out in report(r)]
         outputs = [r for r in reports if not isinstance(r, RequestError)]
         for error in reports:
             if isinstance(error, RequestError):
@@ -140,34 +139,6 @@ class SchedulerLoop:
         else:
             logger.error("ignoring an unknown message %s", type(message).__name__)
 
-    def _report(self, req: Req) -> list[SeqOutput | RequestError]:
-        """What the API process hears of a sequence this step: its new tokens and text, or
-        its end. A request that ended before forking ends all its n sequences."""
-        reason = req.finished_reason
-        if reason is not None and reason.kind == "error":  # refused, or failed while running
-            status = 500 if reason.internal else 400
-            return [RequestError(req.rid, reason.message or "the request failed", status)]
-        start, req.reported_tokens = req.reported_tokens, len(req.output_ids)
-        # Prompt logprobs go out once, in a sequence's first report (which has tokens or is
-        # its last).
-        scored = start == 0 and req.input_logprob_start is not None
-        out = SeqOutput(
-            rid=req.rid,
-            index=req.index,
-            token_ids=req.output_ids[start:],
-            text=req.output_text.stream_delta(),
-            logprobs=req.logprobs[start:] if req.logprobs is not None else None,
-            finish_reason=req.finished_reason,
-            prompt_tokens=len(req.origin_input_ids),
-            completion_tokens=len(req.output_ids),
-            cached_tokens=req.num_cached_tokens,
-            latencies=_latencies(req) if req.finished else None,
-            input_logprobs=req.input_logprobs if scored else None,
-            embedding=req.embedding,
-        )
-        unforked = [dataclasses.replace(out, index=i) for i in range(1, req.family)]
-        return [out, *unforked] if req.finished else [out]
-
     def _server_info(self) -> ServerInfo:
         stats = self.scheduler.stats
         counters = dataclasses.asdict(stats) | {"cache_hit_rate": stats.cache_hit_rate}
@@ -175,10 +146,3 @@ class SchedulerLoop:
 
     def _send(self, message: Any) -> None:
         self.outbox.send(codec.encode(message))
-
-
-def _latencies(req: Req) -> Latencies | None:
-    t = req.times
-    if t.first_token is None or t.finished is None:
-        return None
-    return Latencies(t.first_token - t.arrival, t.finished - t.arrival, t.token_gaps)
