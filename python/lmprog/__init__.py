@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": "lmprog.runtime.engine.llm",
     "SamplingParams": "lmprog.runtime.sampling.sampling_params",
+    "RequestOutputKind": "lmprog.runtime.sampling.sampling_params",
     "RequestOutput": "lmprog.runtime.engine.outputs",
     "CompletionOutput": "lmprog.runtime.engine.outputs",
     "RequestMetrics": "lmprog.runtime.engine.outputs",
@@ -71,6 +72,7 @@ __all__ = [  # noqa: PLE0604 -- the names are strings
     "EmbeddingRequestOutput",
     "RequestMetrics",
     "RequestOutput",
+    "RequestOutputKind",
     "SamplingParams",
     "ScoringRequestOutput",
     "ServerArgs",

@@ -19,7 +19,7 @@ import lmprog
 from lmprog.runtime.layers.sampler import Sampler, SamplerOutput
 from lmprog.runtime.sampling.penalties import PenaltyInputs, apply_penalties_
 from lmprog.runtime.sampling.sampling_batch_info import SamplingBatchInfo
-from lmprog.runtime.sampling.sampling_params import SamplingParams
+from lmprog.runtime.sampling.sampling_params import RequestOutputKind, SamplingParams
 from lmprog.runtime.sampling.seeded_random import log_exponentials, mix64
 
 CPU = torch.device("cpu")
@@ -103,6 +103,8 @@ def chi_square(observed: torch.Tensor, expected: torch.Tensor, draws: int) -> fl
         ({"logit_bias": {7.0: 1.0}}, ["logit_bias", "integer token ids", "7.0"]),
         ({"logit_bias": {"7": 1.0, 7: 2.0}}, ["logit_bias", "token id 7", "more than once"]),
         ({"logit_bias": [[7, 1.0]]}, ["logit_bias", "map of token id to bias", "list"]),
+        ({"output_kind": 3}, ["output_kind", "RequestOutputKind", "DELTA (1)", "got 3"]),
+        ({"output_kind": "delta"}, ["output_kind", "RequestOutputKind", "'delta'"]),
     ],
 )
 def test_invalid_params_name_field_value_and_limit(kwargs: dict, fragments: list[str]) -> None:
@@ -120,6 +122,8 @@ def test_params_are_normalised() -> None:
     assert isinstance(params.temperature, float)
     assert SamplingParams().stop == [] and SamplingParams().stop_token_ids == []
     assert SamplingParams(max_tokens=None, min_tokens=100).max_tokens is None
+    assert SamplingParams().output_kind is RequestOutputKind.CUMULATIVE
+    assert SamplingParams(output_kind=2).output_kind is RequestOutputKind.FINAL_ONLY
 
 
 def test_logit_bias_keys_from_json_become_ints() -> None:
@@ -171,7 +175,11 @@ def test_sampling_params_import_without_torch() -> None:
     package_root = str(Path(lmprog.__file__).resolve().parents[1])
     code = (
         "import sys; import lmprog.runtime.sampling.sampling_params as m; "
-        "m.SamplingParams(temperature=0.5); assert 'torch' not in sys.modules, 'torch imported'"
+        "from lmprog.sampling_params import RequestOutputKind, SamplingParams; "
+        "from lmprog import RequestOutputKind as Kind; "
+        "SamplingParams(temperature=0.5, output_kind=Kind.DELTA); "
+        "assert m.RequestOutputKind is RequestOutputKind is Kind; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
     )
     env = {**os.environ, "PYTHONPATH": package_root}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)

@@ -28,7 +28,9 @@ from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
-SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+# output_kind is how the Python streaming engine yields outputs; HTTP streams are chosen by
+# the route's own `stream` flag, so it is not a request field.
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"output_kind"}
 DISCONNECT_POLL = 0.5
 
 

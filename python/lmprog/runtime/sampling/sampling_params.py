@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from lmprog.runtime.sampling.param_error import ParamError
@@ -40,6 +41,17 @@ _PENALTY_LIMIT = 2.0
 
 # OpenAI's logit_bias range: -100 effectively bans a token, +100 effectively forces it.
 _LOGIT_BIAS_LIMIT = 100.0
+
+
+class RequestOutputKind(Enum):
+    """What a streaming engine (`AsyncLLM.generate`) yields for a request, as vLLM names it:
+    each output holds everything generated so far (CUMULATIVE), only what is new since the
+    previous output (DELTA), or there is one output, when the request ends (FINAL_ONLY). The
+    offline `LLM` returns finished outputs whatever this says."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -93,6 +105,8 @@ class SamplingParams:
             to match a regex, to be JSON valid against a schema (a dict or JSON text), to be
             any JSON object, to follow an EBNF grammar (with a `root` rule), or to be exactly
             one of the given strings. The sequence ends when the grammar is complete.
+        output_kind: what `AsyncLLM.generate` yields (RequestOutputKind; its int value is
+            accepted too): cumulative outputs (the default), deltas, or only the final one.
     """
 
     n: int = 1
@@ -120,6 +134,7 @@ class SamplingParams:
     json_object: bool = False
     ebnf: str | None = None
     choice: list[str] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         with _naming_the_field():
@@ -217,6 +232,7 @@ class SamplingParams:
             "min_p",
         ):
             setattr(self, name, _as_float(name, getattr(self, name)))
+        self.output_kind = _output_kind(self.output_kind)
 
     def _validate_ranges(self) -> None:
         _check_int("n", self.n, minimum=1)
@@ -344,6 +360,17 @@ def _naming_the_field() -> Iterator[None]:
         word = re.match(r"\w+", str(e))
         field = word.group(0) if word and word.group(0) in _FIELDS else None
         raise ParamError(str(e), field) from None
+
+
+def _output_kind(value: object) -> RequestOutputKind:
+    """A RequestOutputKind from itself or its int value (not a bool)."""
+    if isinstance(value, RequestOutputKind):
+        return value
+    kinds = {k.value: k for k in RequestOutputKind}
+    if isinstance(value, int) and not isinstance(value, bool) and value in kinds:
+        return kinds[value]
+    names = ", ".join(f"{k.name} ({k.value})" for k in RequestOutputKind)
+    raise ValueError(f"output_kind must be a RequestOutputKind: {names}; got {value!r}")
 
 
 def _as_float(name: str, value: object) -> float:
