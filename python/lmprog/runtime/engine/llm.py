@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from lmprog.runtime.engine.engine_args import server_args_from
 from lmprog.runtime.engine.outputs import (
     CompletionOutput,
     EmbeddingOutput,
@@ -22,15 +23,15 @@ from lmprog.runtime.engine.outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
+from lmprog.runtime.engine.prompts import PromptType, tokenize_prompt
 from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
 from lmprog.runtime.managers.schedule_batch import Req
 from lmprog.runtime.managers.scheduler import Scheduler
 from lmprog.runtime.managers.validation import truncate_prompt
 from lmprog.runtime.sampling.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from lmprog.runtime.sampling.sampling_params import SamplingParams
-from lmprog.runtime.server_args import DEFAULT_MODEL, ServerArgs
+from lmprog.runtime.server_args import DEFAULT_MODEL
 
-PromptType = str | list[int] | dict[str, Any]
 Conversation = list[dict[str, Any]]
 
 
@@ -50,14 +51,13 @@ class LLM:
     ) -> None:
         """`runner="pooling"` (vLLM) or `task="embed"` (older vLLM) serve the model as an
         embedder, like `is_embedding=True`; encoder models (BERT) are embedders anyway."""
-        if tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size must be 1 (one device), got {tensor_parallel_size}"
-            )
-        if _wants_embedding(runner, task):
-            engine_args["is_embedding"] = True
-        self.server_args = ServerArgs.from_kwargs(
-            model_path=model, tokenizer_path=tokenizer, **engine_args
+        self.server_args = server_args_from(
+            model,
+            tokenizer=tokenizer,
+            tensor_parallel_size=tensor_parallel_size,
+            runner=runner,
+            task=task,
+            **engine_args,
         )
         self.scheduler = Scheduler(self.server_args)
         self.tokenizer = self.scheduler.tokenizer
@@ -231,17 +231,7 @@ class LLM:
             )
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return self._tokenize(prompt["prompt"])
-            raise ValueError(
-                f"a prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}"
-            )
-        return None, [int(t) for t in prompt]
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def _run(
         self,
@@ -313,14 +303,6 @@ class LLM:
         return finished
 
 
-def _wants_embedding(runner: str | None, task: str | None) -> bool:
-    if runner not in (None, "auto", "generate", "pooling"):
-        raise ValueError(f"runner must be 'generate' or 'pooling', got {runner!r}")
-    if task not in (None, "auto", "generate", "embed", "embedding"):
-        raise ValueError(f"task must be 'generate' or 'embed', got {task!r}")
-    return runner == "pooling" or task in ("embed", "embedding")
-
-
 def _cosine(x: list[float], y: list[float]) -> float:
     dot = sum(a * b for a, b in zip(x, y))
     norm = math.sqrt(sum(a * a for a in x)) * math.sqrt(sum(b * b for b in y))
@@ -357,7 +339,7 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
 
 
-def _logprob_dict(
+def logprob_dict(
     token: int, chosen: float, top: dict[int, float], tokenizer: Any
 ) -> dict[int, Logprob]:
     """vLLM's per-position entry: the top-k by rank, plus the scored token if not among them."""
@@ -374,7 +356,7 @@ def _completion(req: Req, tokenizer: Any) -> CompletionOutput:
     logprobs = None
     if req.logprobs is not None:
         logprobs = [
-            _logprob_dict(token, chosen, top, tokenizer)
+            logprob_dict(token, chosen, top, tokenizer)
             for token, (chosen, top) in zip(req.output_ids, req.logprobs)
         ]
     reason = req.finished_reason
@@ -395,7 +377,7 @@ def _prompt_logprobs(req: Req, tokenizer: Any) -> list[dict[int, Logprob] | None
         return None
     tokens = req.origin_input_ids[req.input_logprob_start :]
     return [
-        None if chosen is None else _logprob_dict(token, chosen, top, tokenizer)
+        None if chosen is None else logprob_dict(token, chosen, top, tokenizer)
         for token, (chosen, top) in zip(tokens, req.input_logprobs)
     ]
 
