@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LLM": "lmprog.runtime.engine.llm",
+    "AsyncLLM": "lmprog.runtime.engine.async_llm",
+    "AsyncLLMEngine": "lmprog.runtime.engine.async_llm",
+    "AsyncEngineArgs": "lmprog.runtime.engine.engine_args",
     "SamplingParams": "lmprog.runtime.sampling.sampling_params",
     "RequestOutputKind": "lmprog.runtime.sampling.sampling_params",
     "RequestOutput": "lmprog.runtime.engine.outputs",
@@ -68,6 +71,9 @@ __all__ = [  # noqa: PLE0604 -- the names are strings
     *_LANG_NAMES,
     "global_config",
     "LLM",
+    "AsyncEngineArgs",
+    "AsyncLLM",
+    "AsyncLLMEngine",
     "CompletionOutput",
     "EmbeddingRequestOutput",
     "RequestMetrics",
