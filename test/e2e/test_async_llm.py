@@ -21,11 +21,13 @@ from typing import Any
 import pytest
 
 from lmprog import AsyncEngineArgs, AsyncLLM, RequestOutput, RequestOutputKind, SamplingParams
-from lmprog.runtime.engine.exceptions import EngineDeadError
+from lmprog.runtime.engine.exceptions import EngineDeadError, EngineGenerateError
+from lmprog.runtime.managers.scheduler import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 GERMANY = [{"role": "user", "content": "What is the capital of Germany?"}]
 ARITH = [{"role": "user", "content": "What is 2+2?"}]
+FAULTY = "faulty-request"
 # Long enough that a request is still running whenever a test stops it.
 LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
@@ -33,7 +35,12 @@ LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 @pytest.fixture(scope="module")
 def engine() -> AsyncLLM:
     # The configuration of conftest's `llm` (seed 0, float32), which some tests compare with.
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(seed=0, dtype="float32"))
+    # Requests whose id contains FAULTY fail inside the engine's step (a test hook).
+    os.environ[FAULT_ENV] = FAULTY
+    try:
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(seed=0, dtype="float32"))
+    finally:
+        del os.environ[FAULT_ENV]
     yield engine
     engine.shutdown()
 
@@ -258,6 +265,22 @@ def test_bad_requests_raise_and_the_others_go_on(engine: AsyncLLM) -> None:
         # Refused by the scheduler once enqueued: its grammar does not compile.
         with pytest.raises(ValueError, match="regex"):
             await collect(engine, "Hi", SamplingParams(regex="(", max_tokens=4), "bad-grammar")
+        return await good
+
+    good = run(body())
+    assert good[-1].outputs[0].finish_reason == "length"
+    assert len(good[-1].outputs[0].token_ids) == 16
+
+
+def test_a_request_failing_inside_the_engine_raises_and_the_others_go_on(
+    engine: AsyncLLM,
+) -> None:
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+    async def body() -> list[RequestOutput]:
+        good = asyncio.create_task(collect(engine, "The capital of France is", params, "fine"))
+        with pytest.raises(EngineGenerateError, match="internal error .* fault injected"):
+            await collect(engine, "Once upon a time", LONG, f"{FAULTY}-1")
         return await good
 
     good = run(body())

@@ -135,8 +135,9 @@ class EngineThread:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if item is not _STOP and item[1] is not None:
-                item[1].set_exception(EngineDeadError(self._dead_message()))
+            future = item[1] if item is not _STOP else None
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(EngineDeadError(self._dead_message()))
         self._on_exit(self.error)
 
     def _dead_message(self) -> str:
