@@ -66,7 +66,8 @@ def run_scheduler_process(
             device=str(mr.device),
             dtype=str(mr.dtype).removeprefix("torch."),
             is_embedding=mr.is_embedding,
-            embedding_dim=int(mr.config.hidden_size) if mr.is_embedding else None,
+            embedding_dim=_embedding_dim(mr),
+            pooling_task=mr.pooling_task,
             attention_backend=mr.attention_backend,
             cpu_path=cpu_path(),
         )
@@ -162,7 +163,7 @@ class SchedulerLoop:
             cached_tokens=req.num_cached_tokens,
             latencies=_latencies(req) if req.finished else None,
             input_logprobs=req.input_logprobs if scored else None,
-            embedding=req.embedding,
+            pooled=req.pooled,
         )
         unforked = [dataclasses.replace(out, index=i) for i in range(1, req.family)]
         return [out, *unforked] if req.finished else [out]
@@ -174,6 +175,11 @@ class SchedulerLoop:
 
     def _send(self, message: Any) -> None:
         self.outbox.send(codec.encode(message))
+
+
+def _embedding_dim(mr: Any) -> int | None:
+    task = mr.pooling_task
+    return int(mr.config.hidden_size) if task is not None and task.kind == "embed" else None
 
 
 def _latencies(req: Req) -> Latencies | None:
