@@ -4,6 +4,9 @@ calls each kind of model refuses, saying what it answers instead."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -221,3 +224,26 @@ def test_each_model_answers_its_own_calls(engine_factory, models, causal_dir) ->
         engine_factory(model=str(models["bert-3"][0]), runner="generate")
     with pytest.raises(ValueError, match="runner must be one of auto, generate, pooling"):
         engine_factory(model=str(causal_dir), runner="embed")
+
+
+@pytest.mark.parametrize(
+    ("script", "name", "needle"),
+    [
+        ("classify.py", "qwen2-3", "| label '"),
+        ("score.py", "bert-cross", "Score: 0."),
+        ("reward.py", "llama-reward", "'I like turtles.' | reward "),
+    ],
+)
+def test_example_runs(models, script: str, name: str, needle: str) -> None:
+    """The examples name real hub ids; here they run on the tiny local folders."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, str(root / "examples" / script), "--model", str(models[name][0])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(root / "python"), HF_HUB_OFFLINE="1"),
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert needle in out.stdout, out.stdout
