@@ -210,8 +210,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
-        """Runs the model on one step: float32 logits of the requested rows, or for an
-        embedding model [B, hidden] pooled embeddings."""
+        """Runs the model on one step: float32 logits of the requested rows, or for a pooling
+        model its float32 outputs ([B, out]; [T, out] for a per-token task)."""
         forward_batch.req_to_token_pool = self.req_to_token_pool
         forward_batch.token_to_kv_pool = self.token_to_kv_pool
         forward_batch.attn_backend = self.attn_backend
