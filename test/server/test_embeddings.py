@@ -153,6 +153,24 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(embed_server) -> None:
     assert r["usage"]["prompt_tokens"] == 200 and len(r["data"][0]["embedding"]) == 384
 
 
+def test_score_and_rerank_by_cosine_similarity(embed_server, reference) -> None:
+    """An embedder scores a pair by the cosine of the two embeddings (the query embedded once)."""
+    embed, tokenizer = reference
+    query, docs = SENTENCES[0], SENTENCES[:0:-1]  # the unrelated sentence first
+    r = requests.post(f"{embed_server.url}/v1/score", json={"text_1": query, "text_2": docs})
+    expected = [float(embed(query) @ embed(d)) for d in docs]
+    assert [d["score"] for d in r.json()["data"]] == pytest.approx(expected, abs=1e-5)
+    tokens = sum(len(tokenizer.encode(t)) for t in [query, *docs])
+    assert r.json()["usage"]["prompt_tokens"] == tokens
+    body = {"query": query, "documents": docs}
+    ranked = requests.post(f"{embed_server.url}/v1/rerank", json=body).json()["results"]
+    assert [x["index"] for x in ranked] == [1, 0]  # "Someone plays an instrument." first
+    assert ranked[0]["relevance_score"] == pytest.approx(expected[1], abs=1e-5)
+    refused = requests.post(f"{embed_server.url}/classify", json={"input": "x"})
+    assert refused.status_code == 400
+    assert "embedding model: classify" in refused.json()["error"]["message"]
+
+
 def test_embeddings_on_a_generation_server_are_refused(server) -> None:
     r = requests.post(f"{server.url}/v1/embeddings", json={"input": "x"})
     assert r.status_code == 400 and "generation model" in r.json()["error"]["message"]

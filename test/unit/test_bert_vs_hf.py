@@ -168,3 +168,18 @@ def test_load_weights_accepts_bert_prefix_and_skips_heads() -> None:
     ours.load_weights(state.items())
     ids = [3, 14, 15, 92, 65]
     assert max_diff(encode(ours, [ids])[0], hf_hidden(hf, ids)) < TOL
+
+
+def test_a_classifier_checkpoint_needs_its_head() -> None:
+    """BertForSequenceClassification: `bert.pooler.dense.*` and `classifier.*` load into the
+    head; a checkpoint without them is refused, naming what is missing."""
+    from lmprog.runtime.models.bert_classification import BertForSequenceClassification
+
+    config = tiny_config()
+    config.num_labels = 2
+    torch.manual_seed(0)
+    state = transformers.BertForSequenceClassification(config).state_dict()
+    BertForSequenceClassification(config).load_weights(state.items())
+    headless = {k: v for k, v in state.items() if not k.startswith("bert.pooler.")}
+    with pytest.raises(ValueError, match=r"2 weights missing.*head\.dense\.bias"):
+        BertForSequenceClassification(config).load_weights(headless.items())

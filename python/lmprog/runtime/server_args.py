@@ -85,8 +85,18 @@ class ServerArgs:
     is_embedding: bool = field(
         default=False,
         metadata={
-            "help": "Serve the model as an embedder (/v1/embeddings, /encode): a decoder pools "
-            "its last token; encoder models (BERT) are embedders without this flag."
+            "help": "Serve the model as a pooling model (as --runner pooling): its architecture "
+            "decides the task. *ForSequenceClassification classifies (/classify, /v1/score, "
+            "/v1/rerank, /pooling), *ForTokenClassification scores each token (/pooling), any "
+            "other embeds (/v1/embeddings, /encode, /v1/score, /v1/rerank; a decoder pools its "
+            "last token). Encoders (BERT) and classifiers pool without this flag."
+        },
+    )
+    runner: str = field(
+        default="auto",
+        metadata={
+            "help": "vLLM's name for the same choice: auto (classifiers and encoders pool, "
+            "decoders generate), generate, or pooling (like --is-embedding)."
         },
     )
     disable_jump_forward: bool = field(
@@ -177,6 +187,11 @@ class ServerArgs:
             ("device", self.device in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
             ("load_format", self.load_format in ("auto", "dummy"), "one of auto, dummy"),
             (
+                "runner",
+                self.runner in ("auto", "generate", "pooling"),
+                "one of auto, generate, pooling",
+            ),
+            (
                 "schedule_policy",
                 self.schedule_policy in ("fcfs", "lpm", "dfs-weight"),
                 "one of fcfs, lpm, dfs-weight",
@@ -215,6 +230,11 @@ class ServerArgs:
 
             return auto_cpu_dtype()
         return getattr(torch, self.dtype)
+
+    @property
+    def wants_pooling(self) -> bool:
+        """Pool even a decoder that could generate (--is-embedding / --runner pooling)."""
+        return self.is_embedding or self.runner == "pooling"
 
     @property
     def model_name(self) -> str:

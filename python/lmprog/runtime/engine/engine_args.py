@@ -23,24 +23,39 @@ def server_args_from(
     enforce_eager: bool = False,
     **engine_args: Any,
 ) -> ServerArgs:
-    """ServerArgs from vLLM-style keywords. `runner="pooling"` (vLLM) or `task="embed"` (older
-    vLLM) serve the model as an embedder, like `is_embedding=True`; encoder models (BERT) are
-    embedders anyway. `enforce_eager=True` is `disable_cuda_graph=True`."""
+    """ServerArgs from vLLM-style keywords. `runner="pooling"` (vLLM; or `is_embedding=True`)
+    serves the model as a pooling model, whose architecture decides what it computes
+    (models/pooling_task.py); older vLLM's `task` ("embed", "classify", "score", "reward") asks
+    for pooling too. `enforce_eager=True` is `disable_cuda_graph=True`."""
     if tensor_parallel_size != 1:
         raise ValueError(f"tensor_parallel_size must be 1 (one device), got {tensor_parallel_size}")
-    if _wants_embedding(runner, task):
-        engine_args["is_embedding"] = True
+    call = task_call(task)
+    if runner is not None or call not in (None, "generate"):
+        engine_args["runner"] = runner or "pooling"
     if enforce_eager:
         engine_args["disable_cuda_graph"] = True
     return ServerArgs.from_kwargs(model_path=model, tokenizer_path=tokenizer, **engine_args)
 
 
-def _wants_embedding(runner: str | None, task: str | None) -> bool:
-    if runner not in (None, "auto", "generate", "pooling"):
-        raise ValueError(f"runner must be 'generate' or 'pooling', got {runner!r}")
-    if task not in (None, "auto", "generate", "embed", "embedding"):
-        raise ValueError(f"task must be 'generate' or 'embed', got {task!r}")
-    return runner == "pooling" or task in ("embed", "embedding")
+# Older vLLM's `task` -> the call it names (None: the architecture decides).
+_TASK_CALLS = {
+    None: None,
+    "auto": None,
+    "generate": "generate",
+    "embed": "embed",
+    "embedding": "embed",
+    "classify": "classify",
+    "score": "score",
+    "reward": "reward",
+}
+
+
+def task_call(task: str | None) -> str | None:
+    """The call (generate, embed, classify, score, reward) an older vLLM `task` names."""
+    if task not in _TASK_CALLS:
+        names = ", ".join(repr(t) for t in _TASK_CALLS if t is not None)
+        raise ValueError(f"task must be one of {names}, got {task!r}")
+    return _TASK_CALLS[task]
 
 
 class AsyncEngineArgs:

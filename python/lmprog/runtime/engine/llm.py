@@ -7,27 +7,39 @@ has finished.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from lmprog.runtime.engine.engine_args import server_args_from
+import torch
+
+from lmprog.runtime.engine.build_outputs import request_output
+from lmprog.runtime.engine.engine_args import server_args_from, task_call
 from lmprog.runtime.engine.outputs import (
-    CompletionOutput,
+    ClassificationOutput,
+    ClassificationRequestOutput,
     EmbeddingOutput,
     EmbeddingRequestOutput,
-    Logprob,
-    RequestMetrics,
+    PoolingOutput,
+    PoolingRequestOutput,
     RequestOutput,
     ScoringOutput,
     ScoringRequestOutput,
 )
 from lmprog.runtime.engine.prompts import PromptType, tokenize_prompt
 from lmprog.runtime.managers.io_struct import TokenizedGenerateReqInput
+from lmprog.runtime.managers.pair_inputs import encode_pair, pair_up
 from lmprog.runtime.managers.schedule_batch import Req
 from lmprog.runtime.managers.scheduler import Scheduler
 from lmprog.runtime.managers.validation import truncate_prompt
+from lmprog.runtime.models.pooling_task import (
+    PoolingTask,
+    class_probs,
+    cosine,
+    pair_score,
+    refusal,
+    serves,
+)
 from lmprog.runtime.sampling.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 from lmprog.runtime.server_args import DEFAULT_MODEL
@@ -49,8 +61,12 @@ class LLM:
         task: str | None = None,
         **engine_args: Any,
     ) -> None:
-        """`runner="pooling"` (vLLM) or `task="embed"` (older vLLM) serve the model as an
-        embedder, like `is_embedding=True`; encoder models (BERT) are embedders anyway."""
+        """`runner="pooling"` (vLLM; or `is_embedding=True`) serves the model as a pooling
+        model, whose architecture decides what it computes (models/pooling_task.py): a
+        classifier classifies, a token classifier scores tokens, any other model embeds.
+        Classifiers and encoders (BERT) pool anyway. Older vLLM's `task` ("embed",
+        "classify", "score", "reward") asks for pooling too, and checks the model serves it."""
+        call = task_call(task)
         self.server_args = server_args_from(
             model,
             tokenizer=tokenizer,
@@ -62,6 +78,8 @@ class LLM:
         self.scheduler = Scheduler(self.server_args)
         self.tokenizer = self.scheduler.tokenizer
         self._ids = itertools.count()
+        if call is not None:
+            self._require(call)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -74,7 +92,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generates for every prompt; results come back in input order."""
-        self._require_generation("generate")
+        self._require("generate")
         inputs = [self._tokenize(p) for p in _as_prompt_list(prompts)]
         return self._run(inputs, sampling_params, use_tqdm)
 
@@ -86,16 +104,39 @@ class LLM:
     ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt, in input order. `truncate_prompt_tokens` keeps only the
         last N tokens of longer prompts (else they are refused past the model's limit)."""
-        self._require_embedding("embed")
-        inputs = [self._tokenize(p) for p in _as_prompt_list(prompts)]
-        if truncate_prompt_tokens is not None:
-            inputs = [(t, truncate_prompt(ids, truncate_prompt_tokens)) for t, ids in inputs]
-        outs = self._run_to_end(inputs, None, use_tqdm)
+        self._require("embed")
         return [
-            EmbeddingRequestOutput(
-                rid, EmbeddingOutput(seqs[0].embedding), seqs[0].origin_input_ids
-            )
-            for rid, seqs in outs
+            EmbeddingRequestOutput(rid, EmbeddingOutput(out), ids)
+            for rid, ids, out in self._pool(prompts, truncate_prompt_tokens, use_tqdm)
+        ]
+
+    def classify(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ClassificationRequestOutput]:
+        """A sequence classifier's class probabilities per prompt (softmax over the labels,
+        whose names are `config.id2label`), in input order."""
+        self._require("classify")
+        return [
+            ClassificationRequestOutput(rid, ClassificationOutput(class_probs(out)), ids)
+            for rid, ids, out in self._pool(prompts, truncate_prompt_tokens, use_tqdm)
+        ]
+
+    def reward(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[PoolingRequestOutput]:
+        """A reward model's raw outputs per prompt: `outputs.data` is [num_labels] for a
+        sequence classifier (one label: the reward), [tokens, num_labels] for a token
+        classifier (a score per prompt token)."""
+        self._require("reward")
+        return [
+            PoolingRequestOutput(rid, PoolingOutput(torch.tensor(out)), ids)
+            for rid, ids, out in self._pool(prompts, truncate_prompt_tokens, use_tqdm)
         ]
 
     def score(
@@ -105,26 +146,32 @@ class LLM:
         truncate_prompt_tokens: int | None = None,
         use_tqdm: bool = True,
     ) -> list[ScoringRequestOutput]:
-        """Cosine similarity of each pair's embeddings: one text against many (`data_1` a
-        single prompt), or pairwise (two lists of the same length)."""
-        self._require_embedding("score")
-        first, second = _as_prompt_list(data_1), _as_prompt_list(data_2)
-        if len(first) == 1:
-            first = first * len(second)
-        if len(first) != len(second) or not second:
-            raise ValueError(
-                f"score pairs texts: data_1 has {len(first)} and data_2 {len(second)}; give one "
-                "text and a list, or two lists of the same non-zero length"
-            )
-        vectors = self.embed(first + second, truncate_prompt_tokens, use_tqdm)
-        a, b = vectors[: len(first)], vectors[len(first) :]
+        """One score per pair: one text against many (`data_1` a single prompt), or pairwise
+        (two lists of the same length). An embedder gives the cosine similarity of the two
+        embeddings; a cross-encoder (a classifier with one label) reads the pair as one input
+        and gives the sigmoid of its logit."""
+        self._require("score")
+        first, second = pair_up(_as_prompt_list(data_1), _as_prompt_list(data_2))
+        if self.scheduler.model_runner.pooling_task.kind == "embed":
+            vectors = self.embed(first + second, truncate_prompt_tokens, use_tqdm)
+            a, b = vectors[: len(first)], vectors[len(first) :]
+            return [
+                ScoringRequestOutput(
+                    y.request_id,
+                    ScoringOutput(cosine(x.outputs.embedding, y.outputs.embedding)),
+                    y.prompt_token_ids,
+                )
+                for x, y in zip(a, b)
+            ]
+        pairs = [
+            encode_pair(self.tokenizer, _text(x), _text(y), truncate_prompt_tokens)
+            for x, y in zip(first, second)
+        ]
+        inputs = [(None, ids) for ids, _ in pairs]
+        finished = self._run_to_end(inputs, None, use_tqdm, [types for _, types in pairs])
         return [
-            ScoringRequestOutput(
-                y.request_id,
-                ScoringOutput(_cosine(x.outputs.embedding, y.outputs.embedding)),
-                y.prompt_token_ids,
-            )
-            for x, y in zip(a, b)
+            ScoringRequestOutput(rid, ScoringOutput(pair_score(out)), ids)
+            for (rid, out), (_, ids) in zip(_pooled(finished), inputs)
         ]
 
     def chat(
@@ -137,7 +184,7 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Generates replies to one conversation or a list of them through the chat template."""
-        self._require_generation("chat")
+        self._require("generate")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         inputs = []
         for conv in conversations:
@@ -162,7 +209,7 @@ class LLM:
         `LLM.beam_search`; sampling/beam_search.py says how). Every step runs one token for
         every live beam of every prompt in one batch; beams share their history's KV through
         the prefix cache."""
-        self._require_generation("beam_search")
+        self._require("generate")
         inputs = [self._tokenize(p) for p in _as_prompt_list(prompts)]
         for i, (_, ids) in enumerate(inputs):  # the longest beams must fit the context too
             try:
@@ -213,22 +260,31 @@ class LLM:
     # ---- internals ------------------------------------------------------------------------
     @property
     def is_embedding(self) -> bool:
+        """A pooling model (`pooling_task` says which kind), not a generation one."""
         return self.scheduler.is_embedding
 
-    def _require_generation(self, method: str) -> None:
-        if self.is_embedding:
-            raise ValueError(
-                f"{self.server_args.model_path} is loaded as an embedding model: {method}() "
-                "needs a generation model; use embed() or score()"
-            )
+    @property
+    def pooling_task(self) -> PoolingTask | None:
+        return self.scheduler.model_runner.pooling_task
 
-    def _require_embedding(self, method: str) -> None:
-        if not self.is_embedding:
-            raise ValueError(
-                f"{self.server_args.model_path} is loaded as a generation model: {method}() "
-                "needs an embedding model (an encoder such as all-minilm-l6-v2, or "
-                "LLM(..., runner='pooling'))"
-            )
+    def _require(self, call: str) -> None:
+        """ValueError unless the loaded model answers `call` (generate, embed, classify,
+        score, reward), saying what it answers instead."""
+        if not serves(self.pooling_task, call):
+            raise ValueError(refusal(self.pooling_task, call, self.server_args.model_path))
+
+    def _pool(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        truncate_prompt_tokens: int | None,
+        use_tqdm: bool,
+    ) -> list[tuple[str, list[int], list]]:
+        """(rid, prompt token ids, the model's output) per prompt, in input order."""
+        inputs = [self._tokenize(p) for p in _as_prompt_list(prompts)]
+        if truncate_prompt_tokens is not None:
+            inputs = [(t, truncate_prompt(ids, truncate_prompt_tokens)) for t, ids in inputs]
+        finished = self._run_to_end(inputs, None, use_tqdm)
+        return [(rid, ids, out) for (rid, out), (_, ids) in zip(_pooled(finished), inputs)]
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         return tokenize_prompt(self.tokenizer, prompt)
@@ -241,16 +297,19 @@ class LLM:
     ) -> list[RequestOutput]:
         """Runs every input to the end; RequestOutputs in input order."""
         finished = self._run_to_end(inputs, sampling_params, use_tqdm)
-        return [_request_output(rid, seqs, self.tokenizer) for rid, seqs in finished]
+        return [request_output(rid, seqs, self.tokenizer) for rid, seqs in finished]
 
     def _run_to_end(
         self,
         inputs: list[tuple[str | None, list[int]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool,
+        token_types: list[list[int] | None] | None = None,
     ) -> list[tuple[str, list[Req]]]:
-        """Validates every input, then runs them all; (rid, finished sequences) in input order."""
+        """Validates every input, then runs them all; (rid, finished sequences) in input order.
+        `token_types`: per input, a cross-encoder pair's segment ids (or None)."""
         params = _per_prompt_params(sampling_params, len(inputs))
+        token_types = token_types or [None] * len(inputs)
         # Validate everything before enqueueing anything: a bad prompt leaves the engine idle.
         for i, ((_, ids), p) in enumerate(zip(inputs, params)):
             try:
@@ -260,8 +319,10 @@ class LLM:
                 raise ValueError(f"prompt {i}: {e}" if len(inputs) > 1 else str(e)) from None
         rids = [f"offline-{next(self._ids)}" for _ in inputs]
         now = time.time()
-        for rid, (text, ids), p in zip(rids, inputs, params):
-            self.scheduler.add_request(TokenizedGenerateReqInput(rid, ids, p, text, now))
+        for rid, (text, ids), p, types in zip(rids, inputs, params, token_types):
+            self.scheduler.add_request(
+                TokenizedGenerateReqInput(rid, ids, p, text, now, token_type_ids=types)
+            )
         try:
             finished = self._drive(set(rids), use_tqdm)
         except BaseException:
@@ -303,10 +364,21 @@ class LLM:
         return finished
 
 
-def _cosine(x: list[float], y: list[float]) -> float:
-    dot = sum(a * b for a, b in zip(x, y))
-    norm = math.sqrt(sum(a * a for a in x)) * math.sqrt(sum(b * b for b in y))
-    return dot / norm if norm else 0.0
+def _text(prompt: PromptType) -> str:
+    """A cross-encoder prompt's text (a string, or a dict with 'prompt')."""
+    return prompt.get("prompt") if isinstance(prompt, dict) else prompt
+
+
+def _pooled(finished: list[tuple[str, list[Req]]]) -> list[tuple[str, list]]:
+    """(rid, the pooling model's output) per request; RuntimeError if one failed."""
+    outs = []
+    for i, (rid, seqs) in enumerate(finished):
+        req = seqs[0]
+        if req.pooled is None:
+            reason = req.finished_reason
+            raise RuntimeError(f"prompt {i} failed: {reason.message if reason else reason}")
+        outs.append((rid, req.pooled))
+    return outs
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
@@ -337,75 +409,3 @@ def _progress(total: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
-
-
-def logprob_dict(
-    token: int, chosen: float, top: dict[int, float], tokenizer: Any
-) -> dict[int, Logprob]:
-    """vLLM's per-position entry: the top-k by rank, plus the scored token if not among them."""
-    entry = {
-        tid: Logprob(lp, rank, tokenizer.decode([tid]))
-        for rank, (tid, lp) in enumerate(top.items(), start=1)
-    }
-    if token not in entry:
-        entry[token] = Logprob(chosen, None, tokenizer.decode([token]))
-    return entry
-
-
-def _completion(req: Req, tokenizer: Any) -> CompletionOutput:
-    logprobs = None
-    if req.logprobs is not None:
-        logprobs = [
-            logprob_dict(token, chosen, top, tokenizer)
-            for token, (chosen, top) in zip(req.output_ids, req.logprobs)
-        ]
-    reason = req.finished_reason
-    return CompletionOutput(
-        index=req.index,
-        text=req.output_text.text,
-        token_ids=list(req.output_ids),
-        cumulative_logprob=req.cumulative_logprob,
-        logprobs=logprobs,
-        finish_reason=reason.kind if reason else None,
-        stop_reason=reason.matched if reason else None,
-    )
-
-
-def _prompt_logprobs(req: Req, tokenizer: Any) -> list[dict[int, Logprob] | None] | None:
-    """vLLM's prompt_logprobs: None for the first prompt token, then one entry per token."""
-    if req.input_logprob_start is None:
-        return None
-    tokens = req.origin_input_ids[req.input_logprob_start :]
-    return [
-        None if chosen is None else logprob_dict(token, chosen, top, tokenizer)
-        for token, (chosen, top) in zip(tokens, req.input_logprobs)
-    ]
-
-
-def _request_output(rid: str, seqs: list[Req], tokenizer: Any) -> RequestOutput:
-    seqs = sorted(seqs, key=lambda r: r.index)
-    first = seqs[0]
-    t = first.times
-    metrics = RequestMetrics(
-        arrival_time=t.arrival,
-        first_scheduled_time=t.first_scheduled,
-        first_token_time=min(
-            (s.times.first_token for s in seqs if s.times.first_token), default=None
-        ),
-        last_token_time=max((s.times.last_token for s in seqs if s.times.last_token), default=None),
-        finished_time=max(s.times.finished for s in seqs if s.times.finished),
-    )
-    errors = [
-        s.finished_reason.message for s in seqs if s.finished_reason and s.finished_reason.message
-    ]
-    return RequestOutput(
-        request_id=rid,
-        prompt=first.input_text,
-        prompt_token_ids=list(first.origin_input_ids),
-        outputs=[_completion(s, tokenizer) for s in seqs],
-        finished=True,
-        num_cached_tokens=first.num_cached_tokens,
-        metrics=metrics,
-        prompt_logprobs=_prompt_logprobs(first, tokenizer),
-        error=errors[0] if errors else None,
-    )

@@ -1,8 +1,12 @@
-"""What the offline API returns, in vLLM's shapes: RequestOutput -> [CompletionOutput]."""
+"""What the offline API returns, in vLLM's shapes: RequestOutput -> [CompletionOutput] for
+generation; EmbeddingRequestOutput, ClassificationRequestOutput, PoolingRequestOutput (reward)
+and ScoringRequestOutput for pooling models."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass
@@ -77,13 +81,48 @@ class EmbeddingRequestOutput:
 
 
 @dataclass
+class ClassificationOutput:
+    probs: list[float]  # softmax over the labels (one label: its sigmoid)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ClassificationRequestOutput:
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass
+class PoolingOutput:
+    """`reward`'s output: the model's raw logits, [num_labels] for a sequence classifier (a
+    reward model's one label: `data[0]` is the reward), [tokens, num_labels] per token."""
+
+    data: torch.Tensor
+
+
+@dataclass
+class PoolingRequestOutput:
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass
 class ScoringOutput:
-    score: float  # cosine similarity of the two texts' embeddings
+    # An embedder's: cosine similarity of the two texts' embeddings; a cross-encoder's: the
+    # sigmoid of its logit for the pair.
+    score: float
 
 
 @dataclass
 class ScoringRequestOutput:
     request_id: str
     outputs: ScoringOutput
-    prompt_token_ids: list[int]  # the second text's tokens
+    prompt_token_ids: list[int]  # an embedder's: the second text's tokens; else the pair's
     finished: bool = True

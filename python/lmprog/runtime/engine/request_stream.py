@@ -19,8 +19,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmprog.runtime.engine.build_outputs import logprob_dict
 from lmprog.runtime.engine.exceptions import EngineGenerateError
-from lmprog.runtime.engine.llm import logprob_dict
 from lmprog.runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from lmprog.runtime.managers.io_struct import FinishReason, RequestError, SeqOutput
 from lmprog.runtime.sampling.sampling_params import RequestOutputKind, SamplingParams

@@ -23,6 +23,7 @@ from lmprog.runtime.managers.tokenizer_manager import (
     TokenizerManager,
 )
 from lmprog.runtime.managers.validation import ContextLengthError
+from lmprog.runtime.models.pooling_task import refusal, serves
 from lmprog.runtime.sampling.param_error import ParamError
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
@@ -74,23 +75,13 @@ def check_model(request: Request, model: str | None) -> str:
     return served
 
 
-def require_kind(request: Request, embedding: bool) -> None:
-    """400 when a route is for the other kind of server (generation vs embeddings)."""
-    info = request.app.state.model_info
-    if info.is_embedding == embedding:
-        return
-    name = request.app.state.args.model_name
-    if info.is_embedding:
-        message = (
-            f"this server serves the embedding model '{name}': use /v1/embeddings or /encode "
-            "(generation routes are not available)"
-        )
-    else:
-        message = (
-            f"this server serves the generation model '{name}': embeddings need an embedding "
-            "server (an encoder model, or a decoder started with --is-embedding)"
-        )
-    raise APIError(400, message)
+def require_call(request: Request, call: str) -> None:
+    """400 when the served model does not answer a route's call (generate, embed, classify,
+    score, reward), saying what it is and which routes it answers (models/pooling_task.py)."""
+    task = request.app.state.model_info.pooling_task
+    if not serves(task, call):
+        name = request.app.state.args.model_name
+        raise APIError(400, refusal(task, call, name, routes=True))
 
 
 def submit(

@@ -20,7 +20,7 @@ from lmprog.runtime.entrypoints.common import (
     gather_outputs,
     make_sampling_params,
     merge_streams,
-    require_kind,
+    require_call,
     sse,
     sse_with_errors,
     submit,
@@ -204,7 +204,7 @@ def _item(
 
 @router.post("/generate")
 async def generate(request: Request) -> Any:
-    require_kind(request, embedding=False)
+    require_call(request, "generate")
     tm = tm_of(request)
     body = await request.json()
     reqs, batch, lp, given = await _parse_generate(body, tm)

@@ -5,8 +5,9 @@
       └─ this process: waits for the model, then serves HTTP; a watchdog ends the server (exit 1)
          if the scheduler process dies. SIGTERM drains in-flight requests and exits 0.
 
-Routes: native ones in native_api.py and generate_api.py, OpenAI's in openai_api.py; both share the
-TokenizerManager kept on `app.state.tm`.
+Routes: native ones in native_api.py and generate_api.py, OpenAI's in openai_api.py, a pooling
+model's in embeddings_api.py, classify_api.py and score_api.py; all share the TokenizerManager
+kept on `app.state.tm`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from lmprog.lang.chat_template import derive_roles
+from lmprog.runtime.entrypoints.classify_api import router as classify_router
 from lmprog.runtime.entrypoints.embeddings_api import router as embeddings_router
 from lmprog.runtime.entrypoints.errors import error_response, install_error_handlers
 from lmprog.runtime.entrypoints.generate_api import router as generate_router
@@ -34,6 +36,7 @@ from lmprog.runtime.entrypoints.metrics import Metrics
 from lmprog.runtime.entrypoints.metrics import router as metrics_router
 from lmprog.runtime.entrypoints.native_api import router as native_router
 from lmprog.runtime.entrypoints.openai_api import router as openai_router
+from lmprog.runtime.entrypoints.score_api import router as score_router
 from lmprog.runtime.managers.io_struct import SchedulerReady
 from lmprog.runtime.managers.scheduler_process import run_scheduler_process
 from lmprog.runtime.managers.tokenizer_manager import TokenizerManager
@@ -82,6 +85,8 @@ def build_app(
     app.include_router(generate_router)
     app.include_router(openai_router)
     app.include_router(embeddings_router)
+    app.include_router(classify_router)
+    app.include_router(score_router)
     app.include_router(metrics_router)
     return app
 

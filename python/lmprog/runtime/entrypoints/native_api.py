@@ -55,6 +55,9 @@ async def get_model_info(request: Request) -> dict:
         "is_generation": not info.is_embedding,
         "is_embedding": info.is_embedding,
         "embedding_dim": info.embedding_dim,
+        # A pooling model's kind (embed, classify, token_classify) and a classifier's labels.
+        "pooling_task": info.pooling_task.kind if info.pooling_task else None,
+        "labels": list(info.pooling_task.labels) if info.pooling_task else None,
         # Role prefixes/suffixes derived from the model's chat template (None: none found).
         "chat_template": request.app.state.chat_roles,
         "context_length": info.context_len,

@@ -18,7 +18,7 @@ from lmprog.runtime.entrypoints.common import (
     gather_outputs,
     make_sampling_params,
     merge_streams,
-    require_kind,
+    require_call,
     sse,
     sse_with_errors,
     submit,
@@ -33,6 +33,7 @@ from lmprog.runtime.entrypoints.seq_result import SeqResult
 from lmprog.runtime.managers.io_struct import SeqOutput, TokenizedGenerateReqInput
 from lmprog.runtime.managers.tokenizer_manager import RequestState
 from lmprog.runtime.managers.validation import ContextLengthError
+from lmprog.runtime.models.pooling_task import PoolingTask
 
 router = APIRouter(prefix="/v1")
 
@@ -52,6 +53,11 @@ def _usage(seqs: list[SeqResult], prompt_tokens: int, cached: int) -> dict:
 
 
 # ---- models ---------------------------------------------------------------------------------
+def _task_name(task: PoolingTask | None) -> str:
+    """generate, or a pooling model's kind (embed, classify, token_classify)."""
+    return "generate" if task is None else task.kind
+
+
 @router.get("/models")
 async def models(request: Request) -> dict:
     args = request.app.state.args
@@ -65,7 +71,7 @@ async def models(request: Request) -> dict:
                 "owned_by": "lmprog",
                 "root": args.model_path,
                 "max_model_len": request.app.state.model_info.context_len,
-                "task": "embed" if request.app.state.model_info.is_embedding else "generate",
+                "task": _task_name(request.app.state.model_info.pooling_task),
             }
         ],
     }
@@ -168,7 +174,7 @@ def _echoed(gen: TokenizedGenerateReqInput, seq: SeqResult) -> tuple[list[int], 
 @router.post("/completions")
 async def completions(req: CompletionRequest, request: Request) -> Any:
     model = check_model(request, req.model)
-    require_kind(request, embedding=False)
+    require_call(request, "generate")
     tm = tm_of(request)
     rid = f"cmpl-{uuid.uuid4().hex}"
     gens = await _completion_requests(req, tm, rid)
@@ -310,7 +316,7 @@ def _chat_logprobs(seq_ids: list[int], logprobs: list, tokenizer: Any) -> dict:
 @router.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     model = check_model(request, req.model)
-    require_kind(request, embedding=False)
+    require_call(request, "generate")
     tm = tm_of(request)
     values = req.sampling_values()
     max_tokens_name = "max_tokens"

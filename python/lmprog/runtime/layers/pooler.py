@@ -1,4 +1,4 @@
-"""Pooling: the hidden states of each sequence's tokens -> one embedding per sequence."""
+"""Pooling: the hidden states of each sequence's tokens -> one row per sequence (or per token)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from lmprog.runtime.model_loader.pooling_config import PoolingConfig
 
 class Pooler(nn.Module):
     """mean (over every token of a sequence, special tokens included, as sentence-transformers
-    does), cls (the first token) or last (the last token); then L2-normalize if configured.
+    does), cls (the first token), last (the last token) or all (every token, unpooled); then
+    L2-normalize if configured.
 
     Mean and cls need the whole sequence in the step; last needs only its last token, so a
-    decoder embedder's prompt may be prefilled in chunks (only the final chunk's row counts).
+    decoder's prompt may be prefilled in chunks (only the final chunk's row counts); all gives
+    the step's new tokens, which the scheduler gathers chunk by chunk.
     """
 
     def __init__(self, config: PoolingConfig) -> None:
@@ -23,11 +25,13 @@ class Pooler(nn.Module):
         self.config = config
 
     def forward(self, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        """[T, hidden] states of the step's tokens -> [B, hidden] float32."""
+        """[T, hidden] states of the step's tokens -> [B, hidden] (all: [T, hidden])."""
         lens = forward_batch.extend_seq_lens
         ends = torch.cumsum(lens, 0)
         kind = self.config.kind
-        if kind == "last":
+        if kind == "all":
+            pooled = hidden
+        elif kind == "last":
             pooled = hidden[ends - 1]
         elif kind == "cls":
             pooled = hidden[ends - lens]
@@ -40,5 +44,4 @@ class Pooler(nn.Module):
             )
             sums.index_add_(0, seq_of_token, hidden.float())
             pooled = sums / lens[:, None]
-        pooled = pooled.float()
-        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+        return F.normalize(pooled.float(), dim=-1) if self.config.normalize else pooled

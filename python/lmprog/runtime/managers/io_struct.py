@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from lmprog.runtime.models.pooling_task import PoolingTask
 from lmprog.runtime.sampling.sampling_params import SamplingParams
 
 
@@ -28,6 +29,9 @@ class TokenizedGenerateReqInput:
     # With sampling_params.prompt_logprobs: the first prompt position whose logprob is
     # returned (SGLang's logprob_start_len; clipped to the prompt length).
     logprob_start_len: int = 0
+    # A cross-encoder's segment ids (0 for the first text of a pair, 1 for the second), one
+    # per input id; None: all 0. Only encoders (BERT) read them.
+    token_type_ids: list[int] | None = None
 
 
 @dataclass
@@ -117,7 +121,9 @@ class SeqOutput:
     # Prompt-token logprobs from logprob_start_len on, in the sequence's first report:
     # (logprob given the tokens before, or None at position 0; {token_id: logprob} top-k).
     input_logprobs: list[tuple[float | None, dict[int, float]]] | None = None
-    embedding: list[float] | None = None  # an embedding model's vector
+    # A pooling model's output (see models/pooling_task.py): an embedding or a classifier's
+    # raw logits (list[float]), or a token classifier's logits per token (list[list[float]]).
+    pooled: list | None = None
 
 
 @dataclass
@@ -135,8 +141,9 @@ class SchedulerReady:
     max_total_tokens: int
     device: str
     dtype: str
-    is_embedding: bool = False  # serves /v1/embeddings, not generation
-    embedding_dim: int | None = None
+    is_embedding: bool = False  # a pooling model (pooling_task says which), not generation
+    embedding_dim: int | None = None  # an embedder's vector size
+    pooling_task: PoolingTask | None = None
     attention_backend: str = ""  # the backend `auto` (or the flag) resolved to
     cpu_path: str = "torch"  # sgl_kernel's ISA (amx, avx512, avx2, scalar) or torch
     eos_token_ids: tuple[int, ...] = ()  # the tokens that end a sequence (beam search's too)

@@ -72,7 +72,10 @@ class Req:
     # input_logprob_start + j's (None at position 0), filled as prefill computes them.
     input_logprob_start: int | None = None
     input_logprobs: list[tuple[float | None, dict[int, float]]] = field(default_factory=list)
-    embedding: list[float] | None = None  # an embedding model's pooled vector, when finished
+    # A pooling model's output when finished (io_struct.SeqOutput.pooled); a token
+    # classifier's rows gather here chunk by chunk.
+    pooled: list | None = None
+    token_type_ids: list[int] | None = None  # a cross-encoder's segment ids (encoders only)
     # Constrained decoding: the grammar's compile future until admission, then its matcher.
     grammar_future: Any = None
     matcher: Matcher | None = None
@@ -239,8 +242,14 @@ def build_forward_batch(
 
 
 def build_encode_batch(reqs: list[Req], device: torch.device) -> ForwardBatch:
-    """An encoder step over whole prompts: no KV slots, no request rows."""
+    """An encoder step over whole prompts: no KV slots, no request rows; the token types of
+    cross-encoder pairs, when any request has them."""
     lens = [len(r.origin_input_ids) for r in reqs]
+    types = None
+    if any(r.token_type_ids is not None for r in reqs):
+        flat = [t for r in reqs for t in (r.token_type_ids or [0] * len(r.origin_input_ids))]
+        assert len(flat) == sum(lens), "token_type_ids must give one segment id per token"
+        types = torch.tensor(flat, dtype=torch.int64, device=device)
     return ForwardBatch.build(
         ForwardMode.ENCODE,
         [t for r in reqs for t in r.origin_input_ids],
@@ -249,4 +258,5 @@ def build_encode_batch(reqs: list[Req], device: torch.device) -> ForwardBatch:
         lens,
         torch.empty(0, dtype=torch.int64),
         device,
+        token_type_ids=types,
     )

@@ -7,6 +7,7 @@ every running request; new requests join between decode steps (continuous batchi
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -44,7 +45,7 @@ from lmprog.runtime.managers.schedule_policy import prioritize, retraction_order
 from lmprog.runtime.managers.scheduler_stats import SchedulerStats
 from lmprog.runtime.managers.validation import (
     RequestLimits,
-    validate_embedding_request,
+    validate_pooling_request,
     validate_request,
 )
 from lmprog.runtime.mem_cache.base import BasePrefixCache
@@ -71,10 +72,13 @@ class Scheduler:
         self.device = mr.device
         self.context_len = mr.context_len
         self.vocab_size = mr.vocab_size
-        self.is_embedding = mr.is_embedding
+        self.is_embedding = mr.is_embedding  # a pooling model: no generation
+        self.per_token = mr.pooling_task is not None and mr.pooling_task.per_token
         self.req_to_token_pool = mr.req_to_token_pool
         self.allocator = mr.allocator
-        cache_class = ChunkCache if server_args.disable_radix_cache else RadixCache
+        # Per-token outputs need every token computed: no prefix of theirs may come cached.
+        no_reuse = server_args.disable_radix_cache or self.per_token
+        cache_class = ChunkCache if no_reuse else RadixCache
         self.tree_cache: BasePrefixCache = cache_class(self.req_to_token_pool, self.allocator)
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(self._eos_ids())
@@ -126,7 +130,7 @@ class Scheduler:
         if self.is_embedding:
             mr = self.model_runner
             kv_limit = None if mr.is_encoder else mr.max_total_tokens
-            validate_embedding_request(input_ids, self.vocab_size, self.context_len, kv_limit)
+            validate_pooling_request(input_ids, self.vocab_size, self.context_len, kv_limit)
             return 1
         return validate_request(input_ids, params, self.limits)
 
@@ -134,9 +138,12 @@ class Scheduler:
         params = recv.sampling_params
         max_new = self.validate(recv.input_ids, params)
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
+        input_ids = list(recv.input_ids)
+        if self.is_embedding:
+            input_ids = self.model_runner.model.pooled_input(input_ids)
         req = Req(
             rid=recv.rid,
-            origin_input_ids=list(recv.input_ids),
+            origin_input_ids=input_ids,
             sampling_params=params,
             seed=seed,
             max_new_tokens=max_new,
@@ -145,6 +152,7 @@ class Scheduler:
             input_text=recv.input_text,
             stream=recv.stream,
             prefill_only=recv.prefill_only or self.is_embedding,
+            token_type_ids=recv.token_type_ids,
         )
         req.times.arrival = recv.arrival_time
         self.grammars.attach(req, jump_forward=not self.server_args.disable_jump_forward)
@@ -432,7 +440,7 @@ class Scheduler:
 
     def process_batch_result(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[Req]:
         if self.is_embedding:
-            return self._finish_embeddings(batch, logits)
+            return self._finish_pooled(batch, logits)
         rows, done = batch.reqs, []
         if batch.prompt_rows is not None:
             logits = record_prompt_logprobs(batch.reqs, batch.prompt_rows, logits)
@@ -509,16 +517,21 @@ class Scheduler:
         self.running, self.chunked_req = [], None
         return reqs
 
-    def _finish_embeddings(self, batch: ScheduledBatch, pooled: torch.Tensor) -> list[Req]:
-        """An embedding step's [B, hidden] rows: each request whose prompt is complete gets
-        its vector and finishes (a chunk's row is not an embedding yet)."""
+    def _finish_pooled(self, batch: ScheduledBatch, pooled: torch.Tensor) -> list[Req]:
+        """A pooling step's rows ([B, out], or [T, out] per token): each request whose prompt
+        is complete gets its output and finishes. A chunk's row is not an output yet; a
+        per-token model's rows of each chunk gather on the request."""
         done = []
-        for req, row in zip(batch.reqs, pooled.cpu()):  # one read-back for the batch
+        rows = pooled.cpu().tolist()  # one read-back for the batch
+        if self.per_token:
+            ends = itertools.accumulate(batch.forward_batch.extend_seq_lens_cpu, initial=0)
+            rows = [rows[a:b] for a, b in itertools.pairwise(ends)]
+        for req, row in zip(batch.reqs, rows):
+            req.pooled = (req.pooled or []) + row if self.per_token else row
             if batch.mode.is_extend:
                 self.tree_cache.cache_unfinished_req(req)
                 if req.kv_len < len(req.fill_ids):
                     continue
-            req.embedding = row.tolist()
             req.finish(FinishReason("length"))
             self._release(req)
             done.append(req)

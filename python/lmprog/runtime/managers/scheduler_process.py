@@ -65,7 +65,8 @@ def run_scheduler_process(
             device=str(mr.device),
             dtype=str(mr.dtype).removeprefix("torch."),
             is_embedding=mr.is_embedding,
-            embedding_dim=int(mr.config.hidden_size) if mr.is_embedding else None,
+            embedding_dim=_embedding_dim(mr),
+            pooling_task=mr.pooling_task,
             attention_backend=mr.attention_backend,
             cpu_path=cpu_path(),
             eos_token_ids=tuple(sorted(scheduler.eos_token_ids)),
@@ -146,3 +147,8 @@ class SchedulerLoop:
 
     def _send(self, message: Any) -> None:
         self.outbox.send(codec.encode(message))
+
+
+def _embedding_dim(mr: Any) -> int | None:
+    task = mr.pooling_task
+    return int(mr.config.hidden_size) if task is not None and task.kind == "embed" else None

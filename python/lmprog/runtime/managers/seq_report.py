@@ -36,7 +36,7 @@ def report(req: Req) -> list[SeqOutput | RequestError]:
         cached_tokens=req.num_cached_tokens,
         latencies=_latencies(req) if req.finished else None,
         input_logprobs=req.input_logprobs if scored else None,
-        embedding=req.embedding,
+        pooled=req.pooled,
     )
     unforked = [dataclasses.replace(out, index=i) for i in range(1, req.family)]
     return [out, *unforked] if req.finished else [out]

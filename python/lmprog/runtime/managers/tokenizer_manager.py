@@ -41,7 +41,7 @@ from lmprog.runtime.managers.prompt_bound import PromptBound
 from lmprog.runtime.managers.validation import (
     ContextLengthError,
     RequestLimits,
-    validate_embedding_request,
+    validate_pooling_request,
     validate_request,
 )
 from lmprog.runtime.sampling.sampling_params import SamplingParams
@@ -164,7 +164,7 @@ class TokenizerManager:
         info = self.model_info
         if info.is_embedding:
             # The scheduler also checks a decoder embedder's KV pool.
-            validate_embedding_request(input_ids, info.vocab_size, info.context_len, None)
+            validate_pooling_request(input_ids, info.vocab_size, info.context_len, None)
             return
         validate_request(input_ids, params, self.limits, strict_length=True)
 

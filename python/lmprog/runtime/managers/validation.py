@@ -85,16 +85,18 @@ def validate_request(
     return max_new
 
 
-def validate_embedding_request(
+def validate_pooling_request(
     input_ids: list[int], vocab_size: int, max_length: int, max_total_tokens: int | None
 ) -> None:
-    """Validates a tokenized embedding request: non-empty, in the vocabulary, within the
-    model's input limit (and, for a decoder embedder, the KV pool)."""
+    """Validates a tokenized request to a pooling model (embed, classify, score, reward):
+    non-empty, in the vocabulary, within the model's input limit (and, for a decoder, the KV
+    pool)."""
     _check_prompt_ids(input_ids, vocab_size)
     if len(input_ids) > max_length:
-        raise ValueError(
-            f"input has {len(input_ids)} tokens; this embedding model takes at most "
-            f"{max_length} (set truncate_prompt_tokens to keep only the last tokens)"
+        raise ParamError(
+            f"input has {len(input_ids)} tokens; this model takes at most {max_length} "
+            "(truncate_prompt_tokens cuts longer inputs to fit)",
+            "prompt",
         )
     if max_total_tokens is not None and len(input_ids) > max_total_tokens:
         raise ValueError(

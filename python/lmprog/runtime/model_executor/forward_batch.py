@@ -63,6 +63,8 @@ class ForwardBatch:
     # Rows of the flattened hidden states to compute logits for. None = the last new token of
     # each request (what sampling needs). Tests and input-logprob requests ask for more.
     logits_indices: torch.Tensor | None = None
+    # [T] int64 segment ids of the tokens (a BERT cross-encoder's text pair); None: all 0.
+    token_type_ids: torch.Tensor | None = None
     # Backend-specific per-step metadata (index tables, masks), set by init_forward_metadata.
     attn_metadata: Any = field(default=None, repr=False)
 

@@ -18,7 +18,8 @@ from lmprog.runtime.model_executor.cuda_graph_runner import CudaGraphRunner
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch
 from lmprog.runtime.model_loader import LoadedModel, load_model
 from lmprog.runtime.model_loader.pooling_config import PoolingConfig, read_pooling_config
-from lmprog.runtime.models.embedding import EmbeddingModel
+from lmprog.runtime.models.pooling_model import PoolingModel
+from lmprog.runtime.models.pooling_task import PoolingTask
 from lmprog.runtime.models.registry import get_model_class
 from lmprog.runtime.server_args import ServerArgs
 
@@ -60,10 +61,11 @@ class ModelRunner:
         self.tokenizer = self.loaded.tokenizer
         self.model = self._build_model()
         self.load_seconds = time.perf_counter() - t0
+        self.model = self._as_pooling_model(self.model)
+        self.pooling_task: PoolingTask | None = None
         self.pooling: PoolingConfig | None = None
-        if server_args.is_embedding or getattr(self.model, "is_encoder", False):
-            self.pooling = read_pooling_config(self.loaded.source.path)
-            self.model = EmbeddingModel(self.model, self.pooling)
+        if isinstance(self.model, PoolingModel):
+            self.pooling_task, self.pooling = self.model.task, self.model.pooler.config
         self.context_len = self._context_len()
         self.vocab_size = int(self.config.vocab_size)
         self._init_pools()
@@ -127,10 +129,28 @@ class ModelRunner:
             logger.info("bf16 linear layers packed for sgl_kernel: %d", len(done))
         return model.eval()
 
+    def _as_pooling_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as it is served: classifiers (which declare their `task`) and encoders
+        always pool; a decoder pools (embeds) when the runner asks for it, else generates."""
+        classifier = hasattr(model, "task")
+        always_pools = classifier or getattr(model, "is_encoder", False)
+        if always_pools and self.server_args.runner == "generate":
+            arch = (getattr(self.config, "architectures", None) or ["?"])[0]
+            raise ValueError(
+                f"{arch} is a pooling model: it cannot generate (runner='generate'); "
+                "serve it with runner='pooling' (or 'auto')"
+            )
+        if not (always_pools or self.server_args.wants_pooling):
+            return model
+        if classifier:
+            return PoolingModel.classifier(model)
+        return PoolingModel.embedder(model, read_pooling_config(self.loaded.source.path))
+
     @property
     def is_embedding(self) -> bool:
-        """Serves embeddings (pooled hidden states), not generation."""
-        return self.pooling is not None
+        """A pooling model (SGLang's `is_embedding`): it embeds, classifies or scores tokens
+        (`pooling_task` says which), and generates nothing."""
+        return self.pooling_task is not None
 
     @property
     def is_encoder(self) -> bool:
@@ -190,8 +210,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
-        """Runs the model on one step: float32 logits of the requested rows, or for an
-        embedding model [B, hidden] pooled embeddings."""
+        """Runs the model on one step: float32 logits of the requested rows, or for a pooling
+        model its float32 outputs ([B, out]; [T, out] for a per-token task)."""
         forward_batch.req_to_token_pool = self.req_to_token_pool
         forward_batch.token_to_kv_pool = self.token_to_kv_pool
         forward_batch.attn_backend = self.attn_backend

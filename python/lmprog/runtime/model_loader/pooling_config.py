@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-POOLING_KINDS = ("mean", "cls", "last")
+POOLING_KINDS = ("mean", "cls", "last", "all")  # all: every token (token classifiers)
 # sentence-transformers' Pooling config keys, in the order it gives them precedence.
 _ST_MODES = (
     ("pooling_mode_cls_token", "cls"),

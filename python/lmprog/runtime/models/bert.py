@@ -10,7 +10,8 @@ pooler's job, not the model's (HF's `pooler.*` weights are not loaded).
         h = LayerNorm(h + o_proj(attention(qkv_proj(h))))
         h = LayerNorm(h + down_proj(act(up_proj(h))))
 
-Token type ids are always 0: embedders encode one segment per sequence. Layout as in llama.py:
+Token type ids are 0 (embedders encode one segment per sequence) unless the step carries them:
+a cross-encoder's pair is segment 0 then segment 1. Layout as in llama.py:
 one fused qkv matmul per layer, which `load_weights` fills from HF's separate query/key/value.
 
 For the model runner: `is_encoder` selects encode mode; `num_layers`, `num_kv_heads` and
@@ -80,9 +81,18 @@ class BertEmbeddings(nn.Module):
         )
         self.LayerNorm = _layer_norm(config, dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if token_type_ids is None:
+            types = self.token_type_embeddings.weight[0]
+        else:
+            types = self.token_type_embeddings(token_type_ids)
         # Summed in HF's order (word + token type, then position) so float rounding matches.
-        hidden = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+        hidden = self.word_embeddings(input_ids) + types
         hidden += self.position_embeddings(positions)
         return self.LayerNorm(hidden)
 
@@ -140,7 +150,7 @@ class BertModel(nn.Module):
             raise ValueError(
                 f"a sequence has {longest} tokens; the model's context is {self.max_context_len}"
             )
-        hidden = self.embeddings(fb.input_ids, fb.positions)
+        hidden = self.embeddings(fb.input_ids, fb.positions, fb.token_type_ids)
         for layer in self.layers:
             hidden = layer(hidden, fb)
         return hidden.float()

@@ -247,36 +247,10 @@ class LlamaForCausalLM(nn.Module):
         parts = [theirs for fused, theirs, _ in STACKED_PARAMS if fused == leaf]
         return [f"{parent}.{part}.weight" for part in parts or [leaf]]
 
-    def _shard_rows(self, fused: str, shard: str) -> slice:
-        """Rows of a fused weight that one HF weight fills (see STACKED_PARAMS)."""
-        q = self.config.num_attention_heads * self.head_dim
-        kv = self.num_kv_heads * self.head_dim
-        inter = self.config.intermediate_size
-        return {
-            "q": slice(0, q),
-            "k": slice(q, q + kv),
-            "v": slice(q + kv, q + 2 * kv),
-            "gate": slice(0, inter),
-            "up": slice(inter, 2 * inter),
-        }[shard]
-
-    def _target(self, name: str) -> Target | None:
-        """HF name -> (our parameter, its rows, key in the loaded set); None: not used here."""
-        if "rotary_emb." in name or (self.tie_word_embeddings and name == "lm_head.weight"):
-            return None  # recomputed buffers; the tied head is the embedding
-        for fused, theirs, shard in STACKED_PARAMS:
-            if f".{theirs}." in name:
-                target = name.replace(f".{theirs}.", f".{fused}.")
-                return target, self._shard_rows(fused, shard), f"{target}[{shard}]"
-        return name, slice(None), name
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named weights in; fails on an unknown name, a wrong shape or a missing one."""
-        shards: dict[str, list[str]] = {}
-        for fused, _, shard in STACKED_PARAMS:
-            shards.setdefault(fused, []).append(shard)
-        family = getattr(self.config, "model_type", "?")
-        load_named_weights(self, weights, self._target, expected_keys(self, shards), family)
+        skip = ("lm_head.weight",) if self.tie_word_embeddings else ()
+        load_llama_weights(self, weights, skip)
 
     @staticmethod
     def _warn_sliding_window(config: Any) -> None:
@@ -289,3 +263,42 @@ class LlamaForCausalLM(nn.Module):
                 window,
                 window,
             )
+
+
+def _shard_rows(config: Any, fused: str, shard: str) -> slice:
+    """Rows of a fused weight that one HF weight fills (see STACKED_PARAMS)."""
+    q = config.num_attention_heads * _head_dim(config)
+    kv = _kv_heads(config) * _head_dim(config)
+    inter = config.intermediate_size
+    return {
+        "q": slice(0, q),
+        "k": slice(q, q + kv),
+        "v": slice(q + kv, q + 2 * kv),
+        "gate": slice(0, inter),
+        "up": slice(inter, 2 * inter),
+    }[shard]
+
+
+def load_llama_weights(
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], skip: tuple[str, ...] = ()
+) -> None:
+    """Loads HF Llama-family weights into `model`, whose body is `model.model` (a LlamaModel)
+    and whose other parameters are named as HF's (`lm_head`, a classifier's `score`); the
+    names in `skip` are not used. Fails on an unknown name, a wrong shape or a missing one."""
+    config = model.config
+
+    def target(name: str) -> Target | None:
+        """HF name -> (our parameter, its rows, key in the loaded set); None: not used here."""
+        if "rotary_emb." in name or name in skip:
+            return None  # recomputed buffers; a tied head is the embedding
+        for fused, theirs, shard in STACKED_PARAMS:
+            if f".{theirs}." in name:
+                target = name.replace(f".{theirs}.", f".{fused}.")
+                return target, _shard_rows(config, fused, shard), f"{target}[{shard}]"
+        return name, slice(None), name
+
+    shards: dict[str, list[str]] = {}
+    for fused, _, shard in STACKED_PARAMS:
+        shards.setdefault(fused, []).append(shard)
+    family = getattr(config, "model_type", "?")
+    load_named_weights(model, weights, target, expected_keys(model, shards), family)

@@ -9,15 +9,26 @@ from __future__ import annotations
 import importlib
 
 _LLAMA = "lmprog.runtime.models.llama:LlamaForCausalLM"
+_LLAMA_SEQ = "lmprog.runtime.models.llama_classification:LlamaForSequenceClassification"
+_LLAMA_TOKEN = "lmprog.runtime.models.llama_classification:LlamaForTokenClassification"
+_BERT_CLS = "lmprog.runtime.models.bert_classification"
 
 # HF architecture name -> "module:Class". One implementation serves the whole Llama family;
 # it reads the per-family switches (biases, q/k norm) from the config's model_type.
+# Classifiers (`*For{Sequence,Token}Classification`) are pooling models whatever the runner.
 _MODELS: dict[str, str] = {
-    "LlamaForCausalLM": _LLAMA,
-    "MistralForCausalLM": _LLAMA,
-    "Qwen2ForCausalLM": _LLAMA,
-    "Qwen3ForCausalLM": _LLAMA,
     "BertModel": "lmprog.runtime.models.bert:BertModel",
+    "BertForSequenceClassification": f"{_BERT_CLS}:BertForSequenceClassification",
+    "BertForTokenClassification": f"{_BERT_CLS}:BertForTokenClassification",
+    **{
+        f"{family}{suffix}": cls
+        for family in ("Llama", "Mistral", "Qwen2", "Qwen3")
+        for suffix, cls in (
+            ("ForCausalLM", _LLAMA),
+            ("ForSequenceClassification", _LLAMA_SEQ),
+            ("ForTokenClassification", _LLAMA_TOKEN),
+        )
+    },
 }
 
 
