@@ -197,6 +197,25 @@ def test_thinking_goes_to_reasoning_content(client) -> None:
             "'a b'",
         ),
         ({"tools": [{"type": "function"}]}, "tools.[0].function", "Field required"),
+        (  # a schema the grammar cannot enforce: found when the scheduler compiles it
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"a": {"type": "objekt"}},
+                            },
+                        },
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+            "objekt",
+        ),
     ],
 )
 def test_bad_tools_are_openai_400s_and_the_server_goes_on(client, fields, param, needle) -> None:

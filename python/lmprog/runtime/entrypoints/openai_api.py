@@ -366,7 +366,7 @@ async def _stream_chat(
     for j in range(params.n):
         role = {
             "index": j,
-            "delta": {"role": "assistant", "content": None if plan.forced else ""},
+            "delta": {"role": "assistant", "content": None if plan.forced is not None else ""},
             "logprobs": None,
             "finish_reason": None,
         }

@@ -10,7 +10,7 @@ Each returns a ParseDelta: the new content text and the new pieces of tool calls
 - once a call is announced it stays a call; text that turns out not to be a call before it
   was announced goes to the content, as written.
 
-Each format is five strings (class attributes): the calls are written
+Each format is a few strings (class attributes); the calls are written
 
     CALLS_PREFIX + call + SEPARATOR + call ... + CALLS_SUFFIX
     call = CALL_PREFIX + '{"name": "<name>", "<ARGS_KEY>": ' + <arguments> + "}" + CALL_SUFFIX
@@ -109,6 +109,8 @@ class CallStream:
 
 
 class ToolParser(ABC):
+    """One choice's reader of tool calls in one format (see the module's docstring)."""
+
     name: ClassVar[str]
     # The format's markers are special tokens: the output must be decoded with them.
     decodes_special_tokens: ClassVar[bool] = False
@@ -120,7 +122,7 @@ class ToolParser(ABC):
     ARGS_KEY: ClassVar[str] = "arguments"
 
     def __init__(self) -> None:
-        self.calls = 0  # calls announced so far
+        self.calls = 0  # calls started (numbered) so far
         self._space = ""  # whitespace after a call, held until other content follows
 
     @abstractmethod
