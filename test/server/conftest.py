@@ -118,8 +118,16 @@ FAULT_RID = "inject-fault"  # requests whose rid contains this fail in their ste
 @pytest.fixture(scope="session")
 def server() -> Server:
     """The default server: the embedded model, no API key; the test hook that fails the
-    requests whose rid contains FAULT_RID is on (no other test uses such ids)."""
-    return start_server(env={"LMPROG_FAULT_INJECT_RID": FAULT_RID})
+    requests whose rid contains FAULT_RID is on (no other test uses such ids). It reads hermes
+    tool calls and qwen3 thinking, which changes nothing for requests without tools whose
+    replies do not start with <think>."""
+    return start_server(
+        "--tool-call-parser",
+        "hermes",
+        "--reasoning-parser",
+        "qwen3",
+        env={"LMPROG_FAULT_INJECT_RID": FAULT_RID},
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -110,6 +110,24 @@ class ServerArgs:
             "out first."
         },
     )
+    tool_call_parser: str | None = field(
+        default=None,
+        metadata={
+            "help": "Server: the format the model writes tool calls in, read into OpenAI "
+            "tool_calls on /v1/chat/completions (and enforced for tool_choice required or a "
+            "named function): hermes (Qwen2.5/Qwen3, Hermes; also named qwen25, qwen), "
+            "llama3_json (Llama 3.1-3.3; also llama3), mistral. Unset: chat requests may "
+            "carry tools only with tool_choice none."
+        },
+    )
+    reasoning_parser: str | None = field(
+        default=None,
+        metadata={
+            "help": "Server: split the thinking of a reasoning model off its chat replies into "
+            "reasoning_content: qwen3 (thinks when the reply starts with <think>), deepseek-r1, "
+            "qwen3-thinking, step3 (the template opens the thinking), kimi."
+        },
+    )
     attention_backend: str = field(
         default="auto",
         metadata={
@@ -202,6 +220,7 @@ class ServerArgs:
                 f"-1 (off) or >= page_size ({self.page_size})",
             ),
         ]
+        checks += _parser_checks(self.tool_call_parser, self.reasoning_parser)
         if self.max_total_tokens is not None:
             checks.append(("max_total_tokens", self.max_total_tokens >= 1, ">= 1"))
         if self.max_model_len is not None:
@@ -272,3 +291,21 @@ class ServerArgs:
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> ServerArgs:
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
+def _parser_checks(tool_call_parser: str | None, reasoning_parser: str | None) -> list:
+    from lmprog.lang.reasoning import FORMATS
+    from lmprog.runtime.entrypoints.tool_parsers import TOOL_PARSER_NAMES
+
+    return [
+        (
+            "tool_call_parser",
+            tool_call_parser is None or tool_call_parser in TOOL_PARSER_NAMES,
+            f"one of {', '.join(TOOL_PARSER_NAMES)} (or unset)",
+        ),
+        (
+            "reasoning_parser",
+            reasoning_parser is None or reasoning_parser in FORMATS,
+            f"one of {', '.join(FORMATS)} (or unset)",
+        ),
+    ]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from lmprog.runtime.entrypoints.chat_output import ChoiceParser, reasoning_for
+from lmprog.runtime.entrypoints.chat_prompt import render_chat
+from lmprog.runtime.entrypoints.chat_tools import ToolPlan, explain_grammar_error, plan_tools
 from lmprog.runtime.entrypoints.common import (
     SSE_DONE,
     SSE_HEADERS,
@@ -261,29 +264,7 @@ def _sse_response(gen: AsyncIterator[str]) -> StreamingResponse:
 
 
 # ---- chat -----------------------------------------------------------------------------------
-def _chat_text(req: ChatCompletionRequest, tokenizer: Any) -> str:
-    """The conversation rendered by the model's chat template, ready for the reply."""
-    messages = []
-    for i, m in enumerate(req.messages):
-        content = m.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(
-                        400,
-                        f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}",
-                        f"messages.[{i}].content",
-                    )
-                texts.append(part["text"])
-            content = "".join(texts)
-        messages.append({"role": m.role, "content": content or ""})
-    if not messages:
-        raise APIError(400, "messages must not be empty", "messages")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-async def _chat_prompt(req: ChatCompletionRequest, tm: Any) -> list[int]:
+async def _chat_prompt(req: ChatCompletionRequest, tm: Any, plan: ToolPlan) -> list[int]:
     """Token ids of the conversation, rendered and tokenized off the event loop."""
     try:
         tm.check_length_bound(
@@ -291,7 +272,7 @@ async def _chat_prompt(req: ChatCompletionRequest, tm: Any) -> list[int]:
         )
     except ContextLengthError as e:
         raise APIError(400, str(e), "messages", code="context_length_exceeded") from None
-    text = await asyncio.to_thread(_chat_text, req, tm.tokenizer)
+    text = await asyncio.to_thread(render_chat, req, tm.tokenizer, plan)
     return await tm.tokenize(text, add_special_tokens=False, within_context=False)
 
 
@@ -318,7 +299,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     model = check_model(request, req.model)
     require_call(request, "generate")
     tm = tm_of(request)
-    values = req.sampling_values()
+    args = request.app.state.args
+    plan = plan_tools(req, args.tool_call_parser)
+    values = req.sampling_values() | plan.sampling_values(req)
     max_tokens_name = "max_tokens"
     if req.max_completion_tokens is not None:
         values["max_tokens"] = req.max_completion_tokens
@@ -328,29 +311,43 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
     elif req.top_logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     params = make_sampling_params(values, names={"max_tokens": max_tokens_name})
-    ids = await _chat_prompt(req, tm)
+    ids = await _chat_prompt(req, tm, plan)
     validate(tm, ids, params, "", "messages", names={"max_tokens": max_tokens_name})
+    reasoning = reasoning_for(args.reasoning_parser, req, plan)
+
+    def parser() -> ChoiceParser | None:
+        """Each choice's parser; None when replies are plain text."""
+        if reasoning is None and plan.parser is None:
+            return None
+        return ChoiceParser(reasoning, plan.parser)
+
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     (state,) = submit(tm, [TokenizedGenerateReqInput(rid, ids, params)], stream=req.stream)
     head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse_response(_stream_chat(tm, state, ids, params, head, req, include_usage))
-    outs = await until_disconnect(request, gather_outputs(tm, state))
+        chunks = _stream_chat(tm, state, ids, params, head, req, plan, parser, include_usage)
+        return _sse_response(chunks)
+    try:
+        outs = await until_disconnect(request, gather_outputs(tm, state))
+    except APIError as e:
+        raise explain_grammar_error(e, plan) from None
     seqs = [SeqResult(j) for j in range(params.n)]
     for out in outs:
         seqs[out.index].add(out)
-    choices = [
-        {
-            "index": s.index,
-            "message": {"role": "assistant", "content": s.text},
-            "logprobs": _chat_logprobs(s.token_ids, s.logprobs, tm.tokenizer)
-            if req.logprobs
-            else None,
-            "finish_reason": _finish(s.last),
-        }
-        for s in seqs
-    ]
+    choices = []
+    for s in seqs:
+        p = parser()
+        choices.append(
+            {
+                "index": s.index,
+                "message": p.message(s.text) if p else {"role": "assistant", "content": s.text},
+                "logprobs": _chat_logprobs(s.token_ids, s.logprobs, tm.tokenizer)
+                if req.logprobs
+                else None,
+                "finish_reason": p.finish_reason(_finish(s.last)) if p else _finish(s.last),
+            }
+        )
     cached = seqs[0].last.cached_tokens if seqs[0].last else 0
     return head | {"choices": choices, "usage": _usage(seqs, len(ids), cached)}
 
@@ -362,35 +359,50 @@ async def _stream_chat(
     params: Any,
     head: dict,
     req: ChatCompletionRequest,
+    plan: ToolPlan,
+    parser: Callable[[], ChoiceParser | None],
     include_usage: bool,
 ) -> AsyncIterator[str]:
+    """Chunks as OpenAI streams them: each choice's role first (content null when a tool call
+    is enforced), then its deltas; with parsers, a chunk goes out when it has something."""
     head = head | {"object": "chat.completion.chunk"}
     seqs: dict[int, SeqResult] = {}
+    parsers = {j: parser() for j in range(params.n)}
     cached = 0
     for j in range(params.n):
         role = {
             "index": j,
-            "delta": {"role": "assistant", "content": ""},
+            "delta": {"role": "assistant", "content": None if plan.forced is not None else ""},
             "logprobs": None,
             "finish_reason": None,
         }
         yield sse(head | {"choices": [role]})
-    async for _, out in merge_streams(tm, [state]):
-        seq = seqs.setdefault(out.index, SeqResult(out.index))
-        before = len(seq.logprobs)
-        seq.add(out)
-        cached = out.cached_tokens
-        logprobs = None
-        if req.logprobs:
-            logprobs = _chat_logprobs(out.token_ids, seq.logprobs[before:], tm.tokenizer)
-        delta = {"content": out.text} if out.text or out.finish_reason is None else {}
-        chunk = {
-            "index": out.index,
-            "delta": delta,
-            "logprobs": logprobs,
-            "finish_reason": _finish(out),
-        }
-        yield sse(head | {"choices": [chunk]})
+    try:
+        async for _, out in merge_streams(tm, [state]):
+            seq = seqs.setdefault(out.index, SeqResult(out.index))
+            before = len(seq.logprobs)
+            seq.add(out)
+            cached = out.cached_tokens
+            logprobs = None
+            if req.logprobs:
+                logprobs = _chat_logprobs(out.token_ids, seq.logprobs[before:], tm.tokenizer)
+            reason, p = _finish(out), parsers[out.index]
+            if p is None:
+                delta = {"content": out.text} if out.text or reason is None else {}
+            else:
+                delta = p.feed(out.text, last=reason is not None)
+                reason = p.finish_reason(reason)
+                if not delta and logprobs is None and reason is None:
+                    continue
+            chunk = {
+                "index": out.index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": reason,
+            }
+            yield sse(head | {"choices": [chunk]})
+    except APIError as e:
+        raise explain_grammar_error(e, plan) from None
     if include_usage:
         yield sse(head | {"choices": [], "usage": _usage(list(seqs.values()), len(ids), cached)})
     yield SSE_DONE

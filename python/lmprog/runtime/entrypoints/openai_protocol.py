@@ -113,11 +113,46 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None  # only as n (vLLM V1): no server-side ranking of samples
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI's is JSON text; an object is taken too
+
+
+class MessageToolCall(BaseModel):
+    """A call in an earlier assistant message."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call they answer
+    reasoning_content: str | None = None  # assistant messages of reasoning models
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of an object; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(_Sampling):
@@ -125,6 +160,14 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
+    tools: list[Tool] | None = None
+    # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}; checked
+    # by chat_tools.plan_tools, whose errors name the value and the choices.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # Beyond OpenAI (vLLM's and SGLang's): extra variables for the chat template, e.g.
+    # {"enable_thinking": false}.
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class EmbeddingRequest(BaseModel):

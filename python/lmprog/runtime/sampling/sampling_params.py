@@ -33,7 +33,7 @@ from lmprog.runtime.sampling.param_error import ParamError
 GREEDY_TEMPERATURE = 1e-5
 
 # Output constraints; a request sets at most one.
-_CONSTRAINTS = ("regex", "json_schema", "json_object", "ebnf", "choice")
+_CONSTRAINTS = ("regex", "json_schema", "json_object", "ebnf", "choice", "structural_tag")
 
 # Penalty limits follow the OpenAI API (presence/frequency in [-2, 2]) and vLLM
 # (repetition > 0, where 1 means off).
@@ -101,10 +101,12 @@ class SamplingParams:
         spaces_between_special_tokens: put spaces between special tokens when they are
             detokenized.
         include_stop_str_in_output: keep the matched stop string in the output text.
-        regex / json_schema / json_object / ebnf / choice: constrain the output (at most one):
-            to match a regex, to be JSON valid against a schema (a dict or JSON text), to be
-            any JSON object, to follow an EBNF grammar (with a `root` rule), or to be exactly
-            one of the given strings. The sequence ends when the grammar is complete.
+        regex / json_schema / json_object / ebnf / choice / structural_tag: constrain the
+            output (at most one): to match a regex, to be JSON valid against a schema (a dict
+            or JSON text), to be any JSON object, to follow an EBNF grammar (with a `root`
+            rule), to be exactly one of the given strings, or to follow an xgrammar structural
+            tag (JSON text; the chat route builds one to enforce tool calls). The sequence
+            ends when the grammar is complete.
         output_kind: what `AsyncLLM.generate` yields (RequestOutputKind; its int value is
             accepted too): cumulative outputs (the default), deltas, or only the final one.
     """
@@ -134,6 +136,7 @@ class SamplingParams:
     json_object: bool = False
     ebnf: str | None = None
     choice: list[str] | None = None
+    structural_tag: str | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -154,7 +157,7 @@ class SamplingParams:
 
     @property
     def is_constrained(self) -> bool:
-        """True when a grammar (regex, JSON, EBNF or choice) constrains the output."""
+        """True when a grammar (regex, JSON, EBNF, choice or structural tag) constrains the output."""
         return any(getattr(self, name) for name in _CONSTRAINTS)
 
     @property
@@ -273,7 +276,7 @@ class SamplingParams:
         given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
         if len(given) > 1:
             raise ValueError(f"give at most one output constraint, got {given}")
-        for name in ("regex", "ebnf"):
+        for name in ("regex", "ebnf", "structural_tag"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")

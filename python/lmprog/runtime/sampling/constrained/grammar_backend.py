@@ -87,6 +87,8 @@ class GrammarBackend:
                 return c.compile_regex(spec.source)
             if spec.kind == "ebnf":
                 return c.compile_grammar(spec.source)
+            if spec.kind == "structural_tag":
+                return c.compile_structural_tag(_strict_json_schemas(json.loads(spec.source)))
             if spec.kind == "json_object":  # any object: any keys
                 return c.compile_json_schema(
                     ANY_JSON_OBJECT, any_whitespace=False, separators=JSON_SEPARATORS
@@ -98,7 +100,7 @@ class GrammarBackend:
                 spec.source, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=True
             )
         except json.JSONDecodeError as e:
-            raise GrammarError(f"json_schema is not valid JSON: {e}") from None
+            raise GrammarError(f"{spec.kind} is not valid JSON: {e}") from None
         except RuntimeError as e:
             # "[time] path/file.cc:83: Regex parsing error at ..." -> the reason alone
             reason = re.sub(r"^\[[^\]]*\]\s*|\S+\.cc:\d+:\s*", "", str(e).strip())
@@ -106,3 +108,25 @@ class GrammarBackend:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _strict_json_schemas(tag: Any) -> str:
+    """The structural tag `tag` (parsed) as JSON text, its JSON-schema parts made to compile as
+    the json_schema constraint does: strict, with no whitespace beyond the separators (xgrammar's
+    own json_schema part allows at least one free whitespace character between tokens)."""
+    import xgrammar as xgr
+
+    def convert(n: Any) -> Any:
+        if isinstance(n, list):
+            return [convert(x) for x in n]
+        if not isinstance(n, dict):
+            return n
+        if n.get("type") == "json_schema" and n.get("style", "json") == "json":
+            schema = json.dumps(n["json_schema"])
+            grammar = xgr.Grammar.from_json_schema(
+                schema, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=True
+            )
+            return {"type": "grammar", "grammar": str(grammar)}
+        return {k: convert(v) for k, v in n.items()}
+
+    return json.dumps(convert(tag))

@@ -1,7 +1,8 @@
 """GrammarSpec: the one constraint a request carries, in a hashable form (the compile cache key).
 
 Kinds: "regex", "json_schema" (a JSON Schema, as canonical JSON text), "json_object" (any JSON
-object) and "ebnf" (a GBNF/EBNF grammar with a `root` rule). A `choice` list becomes a regex
+object), "ebnf" (a GBNF/EBNF grammar with a `root` rule) and "structural_tag" (xgrammar's
+structural tag, as JSON text: how tool calls are enforced). A `choice` list becomes a regex
 that matches exactly one of the strings.
 """
 
@@ -12,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-GRAMMAR_KINDS = ("regex", "json_schema", "json_object", "ebnf")
+GRAMMAR_KINDS = ("regex", "json_schema", "json_object", "ebnf", "structural_tag")
 
 
 @dataclass(frozen=True)
@@ -50,4 +51,6 @@ def spec_of(params: Any) -> GrammarSpec | None:
         return GrammarSpec("json_object", "")
     if params.ebnf is not None:
         return GrammarSpec("ebnf", params.ebnf)
+    if params.structural_tag is not None:
+        return GrammarSpec("structural_tag", params.structural_tag)
     return None
