@@ -327,6 +327,9 @@ def test_the_openai_client_sees_the_codes(server) -> None:
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
     assert e.value.code == "model_not_found"
+    # SGLang's examples name the served model "default".
+    alias = client.completions.create(model="default", prompt="x", max_tokens=1)
+    assert alias.model == MODEL
     long_chat = [{"role": "user", "content": "Hi"}]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=long_chat, max_tokens=CONTEXT)

@@ -63,10 +63,15 @@ def tm_of(request: Request) -> TokenizerManager:
     return request.app.state.tm
 
 
+# SGLang's examples call its OpenAI routes with model="default": the served model, whatever its
+# name, so those programs run unchanged.
+DEFAULT_MODEL_ALIAS = "default"
+
+
 def check_model(request: Request, model: str | None) -> str:
-    """The served model's name; 404 when a request names another."""
+    """The served model's name; 404 when a request names another (`default` names it too)."""
     served = request.app.state.args.model_name
-    if model is not None and model != served:
+    if model is not None and model not in (served, DEFAULT_MODEL_ALIAS):
         raise APIError(
             404,
             f"The model '{model}' does not exist: this server serves '{served}'",
