@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 
 from lmprog.router.app import RouterConfig, build_app
+from lmprog.router.http import httpx
 from lmprog.router.policies import POLICY_NAMES, CacheAwareConfig
 from lmprog.router.replicas import Replicas
 
@@ -30,6 +31,7 @@ REPLICA_START_TIMEOUT = 600.0
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lmprog.router",
+        allow_abbrev=False,
         description="Route requests across lmprog servers. Unknown flags go to the replicas "
         "that --dp-size starts.",
     )
@@ -122,6 +124,7 @@ class _Server(uvicorn.Server):
 
 def serve(config: RouterConfig, host: str, port: int) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger(httpx.__name__).setLevel(logging.WARNING)  # not a line per request
     server = _Server(uvicorn.Config(build_app(config), host, port, log_level="warning"))
     server.run()
     return 0 if server.started else 1

@@ -231,7 +231,6 @@ async def _proxy(request: Request, path: str) -> Response:
                 message += f" (could not connect to {', '.join(sorted(tried))})"
             return error_response(503, message, headers={"Retry-After": "1"})
         worker.load += 1
-        worker.served += 1
         upstream_request = router.client.build_request(
             "POST",
             f"{worker.url}{path}",
@@ -250,6 +249,7 @@ async def _proxy(request: Request, path: str) -> Response:
             worker.load -= 1
             router.workers.mark_failed(worker, f"{type(e).__name__}: {e}")
             return _worker_failed(worker, e)
+        worker.served += 1
         return await _relay(router, worker, upstream)
 
 
