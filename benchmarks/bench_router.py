@@ -30,6 +30,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -278,7 +279,10 @@ def main() -> None:
     if args.quick:
         args.conversations, args.turns, args.prefixes, args.questions = 8, 3, 4, 4
     flags = ["--max-total-tokens", str(args.max_total_tokens), *args.server_flags.split()]
-    replicas = Replicas(flags, args.dp_size)
+    fd, log_path = tempfile.mkstemp(prefix="bench-router-replicas-", suffix=".log")
+    log = os.fdopen(fd, "w")
+    print(f"replica logs: {log_path}", flush=True)
+    replicas = Replicas(flags, args.dp_size, log)
     try:
         t0 = time.perf_counter()
         replicas.wait_ready(600)

@@ -31,7 +31,11 @@ from lmprog.router.http import httpx
 from lmprog.router.policies import CacheAwareConfig, RoutingPolicy, make_policy
 from lmprog.router.request_text import routing_text
 from lmprog.router.workers import Worker, WorkerRegistry
-from lmprog.runtime.entrypoints.errors import error_payload, error_response
+from lmprog.runtime.entrypoints.errors import (
+    error_payload,
+    error_response,
+    install_error_handlers,
+)
 
 logger = logging.getLogger("lmprog.router")
 
@@ -113,6 +117,7 @@ def build_app(config: RouterConfig) -> FastAPI:
                 await checks
 
     app = FastAPI(title="lmprog router", lifespan=lifespan)
+    install_error_handlers(app)  # its own errors (404, a bad query) in OpenAI's shape too
     _add_control_routes(app)
     for path in ROUTED:
         app.add_api_route(path, _routed_handler(path), methods=["POST"])

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import IO
 
 from lmprog.router.http import httpx
 
@@ -48,14 +49,19 @@ def replica_flags(server_flags: Sequence[str], dp_size: int, port: int) -> list[
 
 
 class Replicas:
-    def __init__(self, server_flags: Sequence[str], dp_size: int) -> None:
+    def __init__(self, server_flags: Sequence[str], dp_size: int, log: IO | None = None) -> None:
+        """Starts them; their output goes to `log` (default: this process's stdout/stderr)."""
         assert dp_size >= 1, f"dp_size must be >= 1, got {dp_size}"
         self.procs: list[subprocess.Popen] = []
         self.urls: list[str] = []
         for _ in range(dp_size):
             port = free_port()
             cmd = [sys.executable, "-m", "lmprog.launch_server"]
-            self.procs.append(subprocess.Popen(cmd + replica_flags(server_flags, dp_size, port)))
+            flags = replica_flags(server_flags, dp_size, port)
+            proc = subprocess.Popen(
+                cmd + flags, stdout=log, stderr=subprocess.STDOUT if log else None
+            )
+            self.procs.append(proc)
             self.urls.append(f"http://127.0.0.1:{port}")
 
     def wait_ready(self, timeout: float) -> None:
