@@ -119,7 +119,7 @@ async def run_few_shot(client: httpx.AsyncClient, url: str, args: argparse.Names
     limit = asyncio.Semaphore(args.concurrency)
 
     async def one(prompt: str) -> int:
-        body = {"model": "m", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        body = {"model": args.model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
         body["ignore_eos"] = True
         async with limit:
             r = await client.post(f"{url}/v1/completions", json=body)
@@ -142,7 +142,7 @@ async def run_multi_turn(client: httpx.AsyncClient, url: str, args: argparse.Nam
         ]
         tokens = 0
         for turn in range(args.turns):
-            body = {"model": "m", "messages": messages, "max_tokens": 16, "temperature": 0}
+            body = {"model": args.model, "messages": messages, "max_tokens": 16, "temperature": 0}
             async with limit:
                 r = await client.post(f"{url}/v1/chat/completions", json=body)
             r.raise_for_status()
@@ -292,6 +292,7 @@ def main() -> None:
                 f"{url}/generate",
                 json={"text": "warm up", "sampling_params": {"max_new_tokens": 4}},
             )
+        args.model = requests.get(f"{replicas.urls[0]}/v1/models").json()["data"][0]["id"]
         runs = [run for policy in POLICIES for run in run_policy(policy, replicas.urls, args)]
     finally:
         codes = replicas.stop()

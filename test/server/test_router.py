@@ -23,6 +23,7 @@ import pytest
 import requests
 from conftest import _SERVERS, ROOT, START_TIMEOUT, Server, free_port, start_server
 
+MODEL = "smollm2-135m-instruct"
 WORKER_FLAGS = ("--max-total-tokens", "4096", "--cpu-threads", "1")
 GERMANY = [{"role": "user", "content": "What is the capital of Germany?"}]
 
@@ -160,7 +161,7 @@ def test_cache_aware_keeps_each_conversation_on_one_worker(ca_router, workers) -
         for name, messages in histories.items():
             r = requests.post(
                 f"{ca_router.url}/v1/chat/completions",
-                json={"model": "any", "messages": messages, "max_tokens": 8, "temperature": 0},
+                json={"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0},
                 timeout=60,
             )
             assert r.status_code == 200, r.text
@@ -222,7 +223,7 @@ def test_launch_server_dp_size_serves_replicas_behind_one_front() -> None:
             assert info["max_total_tokens"] == 2048  # the flags reached every replica
         chat = requests.post(
             f"{url}/v1/chat/completions",
-            json={"model": "x", "messages": GERMANY, "max_tokens": 12, "temperature": 0},
+            json={"model": MODEL, "messages": GERMANY, "max_tokens": 12, "temperature": 0},
             timeout=60,
         )
         assert "Berlin" in chat.json()["choices"][0]["message"]["content"]
