@@ -8,8 +8,10 @@ them) run for the whole script; each policy gets a fresh router (`python -m lmpr
 --worker-urls ... --policy P`) and flushed replica caches. Workloads, one after the other:
 
 - multi-turn: `--conversations` chats x `--turns` turns on /v1/chat/completions. Each chat is a
-  chain (turn k+1 is sent when turn k's reply is back, with that reply and a new question); all
-  chains run at once, at most `--concurrency` requests in flight. Greedy, 16 tokens per reply.
+  user: a first message of ~`--opening-words` words (notes on one subject), then turn k+1 is sent
+  when turn k's reply is back, with that reply and a short follow-up question. `--concurrency`
+  users at a time (a user keeps a slot from first turn to last; the next one starts when one
+  leaves). Greedy, `--reply-tokens` tokens per reply.
 - few-shot: `--prefixes` few-shot prompts (worked examples on one subject each, ~`--prefix-words`
   words) x `--questions` questions each on /v1/completions, in a shuffled order, at most
   `--concurrency` in flight. Greedy, 8 tokens.
@@ -130,28 +132,29 @@ async def run_few_shot(client: httpx.AsyncClient, url: str, args: argparse.Names
 
 
 async def run_multi_turn(client: httpx.AsyncClient, url: str, args: argparse.Namespace) -> int:
-    limit = asyncio.Semaphore(args.concurrency)
+    users = asyncio.Semaphore(args.concurrency)  # a user holds a slot from first turn to last
     rng = random.Random(2)
 
     async def chat(i: int) -> int:
         subject = SUBJECTS[i % len(SUBJECTS)]
-        opening = f"{subject.capitalize()}: I am curious about {subject}. {words(rng, 30)}."
+        opening = f"{subject.capitalize()}: here are my notes on {subject}. "
+        opening += f"{words(rng, args.opening_words)}. What do you make of them?"
         messages = [
             {"role": "system", "content": "You are a concise assistant."},
             {"role": "user", "content": opening},
         ]
         tokens = 0
-        for turn in range(args.turns):
-            body = {"model": args.model, "messages": messages, "max_tokens": 16, "temperature": 0}
-            async with limit:
+        async with users:
+            for turn in range(args.turns):
+                body = {"model": args.model, "messages": messages, "temperature": 0}
+                body["max_tokens"] = args.reply_tokens
                 r = await client.post(f"{url}/v1/chat/completions", json=body)
-            r.raise_for_status()
-            reply = r.json()
-            tokens += reply["usage"]["completion_tokens"]
-            messages.append(
-                {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}
-            )
-            messages.append({"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]})
+                r.raise_for_status()
+                reply = r.json()
+                tokens += reply["usage"]["completion_tokens"]
+                answer = reply["choices"][0]["message"]["content"]
+                messages.append({"role": "assistant", "content": answer})
+                messages.append({"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]})
         return tokens
 
     return sum(await asyncio.gather(*(chat(i) for i in range(args.conversations))))
@@ -265,13 +268,17 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dp-size", type=int, default=2)
-    p.add_argument("--max-total-tokens", type=int, default=3072, help="Each replica's KV pool.")
+    p.add_argument("--max-total-tokens", type=int, default=2560, help="Each replica's KV pool.")
     p.add_argument("--conversations", type=int, default=32)
     p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--opening-words", type=int, default=100, help="A chat's first message.")
+    p.add_argument("--reply-tokens", type=int, default=24)
     p.add_argument("--prefixes", type=int, default=8)
     p.add_argument("--prefix-words", type=int, default=360, help="~1.4 tokens per word here.")
-    p.add_argument("--questions", type=int, default=8)
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--questions", type=int, default=16)
+    p.add_argument(
+        "--concurrency", type=int, default=16, help="Chats (multi-turn), requests (few-shot)."
+    )
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--quick", action="store_true", help="8 chats x 3 turns, 4 prefixes x 4.")
     p.add_argument("--server-flags", default="", help="More flags for each replica, one string.")
