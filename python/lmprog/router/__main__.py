@@ -125,7 +125,9 @@ class _Server(uvicorn.Server):
 def serve(config: RouterConfig, host: str, port: int) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger(httpx.__name__).setLevel(logging.WARNING)  # not a line per request
-    server = _Server(uvicorn.Config(build_app(config), host, port, log_level="warning"))
+    app = build_app(config)
+    settings = uvicorn.Config(app, host, port, log_level="warning", timeout_graceful_shutdown=60)
+    server = _Server(settings)
     server.run()
     return 0 if server.started else 1
 

@@ -2,11 +2,13 @@
 
 Each replica gets its own port on 127.0.0.1 and, on CPU, its share of the cores
 (`--cpu-threads cores // N`, unless the flags set it): replicas that each took every core would
-fight over them. They run until `stop()` (SIGTERM: each drains and exits 0).
+fight over them. They run until `stop()` (SIGTERM: each drains and exits 0); on Linux they also get
+SIGTERM if the process that started them dies without stopping them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -18,6 +20,7 @@ from typing import IO
 
 from lmprog.router.http import httpx
 
+PR_SET_PDEATHSIG = 1  # prctl option, linux/prctl.h
 OWN_FLAGS = ("--dp-size", "--host", "--port")  # the router's, not a replica's
 
 
@@ -48,6 +51,13 @@ def replica_flags(server_flags: Sequence[str], dp_size: int, port: int) -> list[
     return flags
 
 
+def _end_with_parent() -> None:
+    """In the child: SIGTERM when the router dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Replicas:
     def __init__(self, server_flags: Sequence[str], dp_size: int, log: IO | None = None) -> None:
         """Starts them; their output goes to `log` (default: this process's stdout/stderr)."""
@@ -59,7 +69,10 @@ class Replicas:
             cmd = [sys.executable, "-m", "lmprog.launch_server"]
             flags = replica_flags(server_flags, dp_size, port)
             proc = subprocess.Popen(
-                cmd + flags, stdout=log, stderr=subprocess.STDOUT if log else None
+                cmd + flags,
+                stdout=log,
+                stderr=subprocess.STDOUT if log else None,
+                preexec_fn=_end_with_parent,  # noqa: PLW1509 (started before any thread)
             )
             self.procs.append(proc)
             self.urls.append(f"http://127.0.0.1:{port}")
