@@ -23,11 +23,15 @@ def test_tree_matches_longest_stored_prefix_across_split_edges() -> None:
     tree.insert("Help me")  # splits "Hello, world" after "Hel"
     tree.check_integrity()
     assert tree.size == len("Hello, world") + len("p me")
-    assert tree.match("Hello, there") == len("Hello, ")
-    assert tree.match("Help me please") == len("Help me")
-    assert tree.match("Hel") == 3
-    assert tree.match("xyz") == 0
-    assert tree.match("") == 0
+    assert tree.match("Hello, there") == (len("Hello, "), 0)
+    assert tree.match("Help me please") == (len("Help me"), len("Help me"))
+    assert tree.match("Hel") == (3, 0)
+    assert tree.match("xyz") == (0, 0)
+    assert tree.match("") == (0, 0)
+    tree.insert("Hello")  # ends inside the edge "lo, world": the edge is cut there
+    tree.check_integrity()
+    assert tree.match("Hello, world!") == (len("Hello, world"), len("Hello, world"))
+    assert tree.match("Hello!") == (len("Hello"), len("Hello"))
 
 
 def test_tree_evicts_least_recently_used_leaves_first() -> None:
@@ -38,8 +42,8 @@ def test_tree_evicts_least_recently_used_leaves_first() -> None:
     tree.insert("system: B\nuser: three")  # over 30: "two" goes first, then what is needed
     tree.check_integrity()
     assert tree.size <= 30
-    assert tree.match("system: B\nuser: three") == len("system: B\nuser: three")
-    assert tree.match("system: A\nuser: two") < len("system: A\nuser: two")
+    assert tree.match("system: B\nuser: three").chars == len("system: B\nuser: three")
+    assert tree.match("system: A\nuser: two").chars < len("system: A\nuser: two")
 
 
 def test_tree_integrity_under_random_inserts_and_evictions() -> None:
@@ -50,7 +54,7 @@ def test_tree_integrity_under_random_inserts_and_evictions() -> None:
         tree.insert(text)
         tree.check_integrity()
         assert tree.size <= 200
-        assert tree.match(text) == len(text)  # the newest text is never the one evicted
+        assert tree.match(text) == (len(text), len(text))  # the newest text is never evicted
 
 
 # ---- policies ---------------------------------------------------------------------------------
@@ -82,8 +86,21 @@ def test_cache_aware_ignores_a_match_below_the_cache_threshold() -> None:
     policy.trees[ws[0].url] = PrefixTree(1000)
     policy.trees[ws[0].url].insert("shared system prompt. " + "x" * 50)  # w0 holds more text
     text = "shared system prompt. " + "a brand new question that is much longer" * 2
-    assert policy.trees[ws[0].url].match(text) < 0.5 * len(text)
+    assert policy.trees[ws[0].url].match(text).chars < 0.5 * len(text)
     assert policy.select(ws, text) is ws[1]  # below threshold: the smaller tree wins
+
+
+def test_cache_aware_follows_a_turn_that_adds_more_than_it_had() -> None:
+    policy, ws = CacheAware(CacheAwareConfig(cache_threshold=0.5)), workers(0, 0)
+    turn1 = "user: a tip for playing the piano, please?\n"
+    owner = policy.select(ws, turn1)
+    other = policy.select(ws, "system: hi\n")  # new text: to the empty worker
+    assert other is not owner
+    turn2 = (
+        turn1 + "assistant: practise slowly every day, hands apart, then together\nuser: more?\n"
+    )
+    assert len(turn1) < 0.5 * len(turn2)  # below the threshold, yet it extends turn 1 whole
+    assert policy.select(ws, turn2) is owner  # not the worker with the smaller tree
 
 
 def test_cache_aware_falls_back_to_shortest_queue_when_imbalanced() -> None:

@@ -11,10 +11,14 @@ with `make_policy`:
   Two escapes keep it from piling everything on one worker:
     * the load is imbalanced — max load - min load > balance_abs_threshold AND
       max load > balance_rel_threshold * min load — then the shortest queue wins;
-    * the best match covers less than cache_threshold of the text — then this is new text, and
+    * the best match covers less than cache_threshold of the text and extends no earlier request
+      whole — then this is new text (at most a shared system prompt or template in common), and
       it goes to the worker whose tree is smallest (the one with the most room), fewest in flight
       among equals.
-  The chosen worker's tree then takes the text. SGLang's router decides the same way.
+  The chosen worker's tree then takes the text. SGLang's router decides the same way, except for
+  the "extends an earlier request" rule: a chat's next turn adds the reply and a new message to
+  the text, which can be more than it had, so its match fraction alone may fall below the
+  threshold although that worker holds the whole conversation so far.
 """
 
 from __future__ import annotations
@@ -96,8 +100,9 @@ class CacheAware(RoutingPolicy):
             choice = self._shortest.select(workers, text)
         else:
             matched = {w.url: self._tree(w.url).match(text) for w in workers}
-            best = max(workers, key=lambda w: (matched[w.url], -w.load))
-            if text and matched[best.url] >= self.config.cache_threshold * len(text):
+            best = max(workers, key=lambda w: (matched[w.url].chars, -w.load))
+            found = matched[best.url]
+            if text and (found.chars >= self.config.cache_threshold * len(text) or found.whole):
                 choice = best
             else:
                 choice = min(workers, key=lambda w: (self._tree(w.url).size, w.load))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass(eq=False)
@@ -28,6 +29,16 @@ class _Node:
     parent: _Node | None
     last_used: int
     children: dict[str, _Node] = field(default_factory=dict)
+    ends_text: bool = False  # an inserted text ended here
+
+
+class Match(NamedTuple):
+    """`chars`: how many leading characters of the text the tree holds. `whole`: the length of
+    the longest text inserted earlier (and not evicted) that is a prefix of this one, 0 if none:
+    a request that extends an earlier one (a conversation's next turn) has `whole` > 0."""
+
+    chars: int
+    whole: int
 
 
 def _common_len(a: str, b: str) -> int:
@@ -46,10 +57,10 @@ class PrefixTree:
         self.size = 0  # characters stored, summed over the edges
         self._clock = itertools.count(1)
 
-    def match(self, text: str) -> int:
-        """How many leading characters of `text` the tree holds; marks that path recently used."""
+    def match(self, text: str) -> Match:
+        """How much of `text` the tree holds (see Match); marks that path recently used."""
         now = next(self._clock)
-        node, i = self.root, 0
+        node, i, whole = self.root, 0, 0
         while i < len(text):
             child = node.children.get(text[i])
             if child is None:
@@ -60,7 +71,9 @@ class PrefixTree:
             if n < len(child.key):
                 break
             node = child
-        return i
+            if node.ends_text:
+                whole = i
+        return Match(i, whole)
 
     def insert(self, text: str) -> None:
         """Adds `text` (sharing what is already there), then evicts down to `max_chars`."""
@@ -69,14 +82,17 @@ class PrefixTree:
         while i < len(text):
             child = node.children.get(text[i])
             if child is None:
-                node.children[text[i]] = _Node(text[i:], node, now)
+                child = node.children[text[i]] = _Node(text[i:], node, now)
                 self.size += len(text) - i
+                node = child
                 break
             n = _common_len(child.key, text[i:])
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_used = now
             node, i = child, i + n
+        if node is not self.root:
+            node.ends_text = True
         self.evict(self.max_chars)
 
     def evict(self, max_chars: int) -> None:
@@ -107,7 +123,7 @@ class PrefixTree:
     def _split(self, child: _Node, n: int) -> _Node:
         """Cuts `child`'s edge after `n` characters; returns the new upper node."""
         parent = child.parent
-        upper = _Node(child.key[:n], parent, child.last_used)
+        upper = _Node(child.key[:n], parent, child.last_used)  # no text ended at the cut
         parent.children[upper.key[0]] = upper
         child.key, child.parent = child.key[n:], upper
         upper.children[child.key[0]] = child
