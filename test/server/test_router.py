@@ -63,9 +63,14 @@ class Router:
 
 
 @pytest.fixture(scope="module")
-def workers() -> list[Server]:
-    with ThreadPoolExecutor(2) as pool:  # the two load at once
-        return list(pool.map(lambda _: start_server(*WORKER_FLAGS), range(2)))
+def workers() -> Iterator[list[Server]]:
+    """Two small servers, loaded at once; stopped with this module (each must exit 0)."""
+    with ThreadPoolExecutor(2) as pool:
+        servers = list(pool.map(lambda _: start_server(*WORKER_FLAGS), range(2)))
+    yield servers  # the dead-worker test replaces servers[1]
+    for server in servers:
+        _SERVERS.remove(server)
+    assert [server.stop() for server in servers] == [0, 0]
 
 
 def _router_fixture(policy: str):
