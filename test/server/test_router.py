@@ -244,32 +244,39 @@ def test_launch_server_dp_size_serves_replicas_behind_one_front() -> None:
 
 
 # ---- a dead worker (last: it restarts worker 1) ---------------------------------------------
-def open_stream_on(router: Router, worker: Server) -> requests.Response:
-    """A long streamed generation that round robin placed on `worker` (within two tries)."""
-    body = {"text": "Count: 1, 2,", "stream": True}
-    body["sampling_params"] = {"max_new_tokens": 400, "ignore_eos": True}
-    for _ in range(2):
-        r = requests.post(f"{router.url}/generate", json=body, stream=True, timeout=60)
-        if served_by(r) == worker.url:
-            return r
-        r.close()
-    raise AssertionError(f"round robin never chose {worker.url}")
+def kill(server: Server) -> None:
+    """SIGKILL to the server and its scheduler, as a crashed host: no draining, no goodbye."""
+    scheduler = server.scheduler_pid()
+    server.proc.send_signal(signal.SIGKILL)
+    os.kill(scheduler, signal.SIGKILL)
+    server.proc.wait()
+    server.log.close()
+    _SERVERS.remove(server)  # it cannot exit 0 any more
 
 
 def test_a_dead_worker_is_removed_and_readded_when_back(rr_router, workers) -> None:
     dead = workers[1]
-    stream = open_stream_on(rr_router, dead)
+    solo = Router("--worker-urls", dead.url)  # its requests all go to the worker we kill
+    long = {"text": "Count: 1, 2,", "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}
+    stream = requests.post(f"{solo.url}/generate", json=long | {"stream": True}, stream=True)
     lines = stream.iter_lines(decode_unicode=True)
     assert next(line for line in lines if line.startswith("data: "))  # it is generating
-    scheduler = dead.scheduler_pid()
-    dead.proc.send_signal(signal.SIGKILL)  # as a crashed host: no draining, no goodbye
-    os.kill(scheduler, signal.SIGKILL)
-    dead.proc.wait()
-    dead.log.close()
-    _SERVERS.remove(dead)  # it cannot exit 0 any more
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(requests.post, f"{solo.url}/generate", json=long, timeout=60)
+        deadline = time.monotonic() + 10
+        while dead.kv()["running_requests"] < 2:  # both are running on the worker
+            assert time.monotonic() < deadline, dead.kv()
+            time.sleep(0.05)
+        kill(dead)
+        failed = whole.result()
+    assert failed.status_code == 502, failed.text
+    assert dead.url in failed.json()["error"]["message"]
     last = [line for line in lines if line.startswith("data: ")][-1]
     error = json.loads(last[len("data: ") :])["error"]  # the stream ends with the failure
     assert error["type"] == "server_error" and dead.url in error["message"]
+    refused = requests.post(f"{solo.url}/generate", json=long, timeout=60)
+    assert refused.status_code == 503 and "no healthy worker" in refused.json()["error"]["message"]
+    assert solo.stop() == 0
 
     body = {"text": "Hello", "sampling_params": {"max_new_tokens": 2}}
     for _ in range(4):  # the first to pick it is retried on worker 0; then it is out
