@@ -122,6 +122,22 @@ def test_native_generate_and_its_stream_pass_through(rr_router, workers) -> None
     assert json.loads(events[-2])["text"] == direct["text"]
 
 
+def test_a_client_that_leaves_mid_stream_frees_its_worker(rr_router, workers) -> None:
+    body = {"text": "Count: 1, 2,", "stream": True}
+    body["sampling_params"] = {"max_new_tokens": 400, "ignore_eos": True}
+    with requests.post(f"{rr_router.url}/generate", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines(decode_unicode=True)
+        assert next(line for line in lines if line.startswith("data: "))
+        worker = next(w for w in workers if w.url == served_by(r))
+    # The router closes the worker's stream, the worker aborts the request (long before its 400
+    # tokens), and the router's count of requests in flight goes back to 0.
+    assert worker.wait_idle(timeout=10)["running_requests"] == 0
+    deadline = time.monotonic() + 10
+    while any(w["load"] for w in rr_router.workers()):
+        assert time.monotonic() < deadline, rr_router.workers()
+        time.sleep(0.05)
+
+
 def test_openai_client_through_the_router(rr_router, workers) -> None:
     client = openai.OpenAI(base_url=f"{rr_router.url}/v1", api_key="none")
     model = client.models.list().data[0].id

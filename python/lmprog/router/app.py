@@ -23,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -254,6 +255,9 @@ async def _proxy(request: Request, path: str) -> Response:
             worker.load -= 1
             router.workers.mark_failed(worker, f"{type(e).__name__}: {e}")
             return _worker_failed(worker, e)
+        except BaseException:  # the client left (cancelled) while the worker had not answered
+            worker.load -= 1
+            raise
         worker.served += 1
         return await _relay(router, worker, upstream)
 
@@ -280,11 +284,32 @@ async def _relay(router: Router, worker: Worker, upstream: httpx.Response) -> Re
             router.workers.mark_failed(worker, f"{type(e).__name__}: {e}")
             payload = error_payload(_failure_message(worker, e), 502)
             yield f"data: {json.dumps(payload)}\n\n".encode()
-        finally:
-            await upstream.aclose()
-            worker.load -= 1
 
-    return StreamingResponse(chunks(), upstream.status_code, headers)
+    released = False
+
+    async def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            worker.load -= 1
+            await upstream.aclose()  # a worker still streaming sees the disconnect and aborts
+
+    return _RelayedStream(chunks(), upstream.status_code, headers, release)
+
+
+class _RelayedStream(StreamingResponse):
+    """Runs `release` once the response ends however it ends: finished, failed, or the client
+    gone (even before the first chunk, when the chunk generator never started)."""
+
+    def __init__(self, content: Any, status: int, headers: dict, release: Any) -> None:
+        super().__init__(content, status, headers)
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.release()
 
 
 def _worker_failed(worker: Worker, e: Exception) -> JSONResponse:
