@@ -258,7 +258,7 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> bool:
         met = ratio >= HIT_RATIO_TARGET and speedup > 1
         ok &= met
         print(
-            f"{name}: cache_aware / round_robin hit rate {ratio:.2f}x (target >= "
+            f"{name}: cache_aware / round_robin hit rate {ratio:.3f}x (target >= "
             f"{HIT_RATIO_TARGET}), throughput {speedup:.2f}x (target > 1): "
             f"{'met' if met else 'NOT met'}"
         )
