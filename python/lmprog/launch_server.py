@@ -1,7 +1,7 @@
 """`python -m lmprog.launch_server [--model-path ...] [--port 30000] ...`: serve a model over HTTP.
 
 Every flag is a ServerArgs field (`--help` lists them); with no flag the embedded default model
-is served on 127.0.0.1:30000.
+is served on 127.0.0.1:30000. `--dp-size N` serves N replicas behind the router (lmprog.router).
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         args = ServerArgs.from_cli_args(ns)
     except ValueError as e:
         parser.error(str(e))
+    if args.dp_size > 1:
+        from lmprog.router.__main__ import main as router_main
+
+        flags = sys.argv[1:] if argv is None else argv
+        return router_main(["--host", args.host, "--port", str(args.port), *flags])
     from lmprog.runtime.entrypoints.http_server import launch_server
 
     return launch_server(args)

@@ -30,10 +30,12 @@ class Server:
 
     `--dtype float32` unless the flags say otherwise, as for the offline engines (conftest.py)."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *flags: str, env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
         if "--dtype" not in flags:
             flags = (*flags, "--dtype", "float32")
-        self.port = free_port()
+        self.port = port or free_port()
         key = flags[flags.index("--api-key") + 1] if "--api-key" in flags else None
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.url = f"http://127.0.0.1:{self.port}"
@@ -98,8 +100,8 @@ class Server:
 _SERVERS: list[Server] = []
 
 
-def start_server(*flags: str, env: dict[str, str] | None = None) -> Server:
-    server = Server(*flags, env=env)
+def start_server(*flags: str, env: dict[str, str] | None = None, port: int | None = None) -> Server:
+    server = Server(*flags, env=env, port=port)
     _SERVERS.append(server)
     return server
 

@@ -157,6 +157,14 @@ class ServerArgs:
     max_logprobs: int = field(default=20, metadata={"help": "Most top logprobs per token."})
     host: str = field(default="127.0.0.1", metadata={"help": "Server: address to listen on."})
     port: int = field(default=30000, metadata={"help": "Server: port to listen on."})
+    dp_size: int = field(
+        default=1,
+        metadata={
+            "help": "Server: data-parallel replicas. N > 1 starts N servers on local ports (each "
+            "with cores // N CPU threads unless --cpu-threads says) behind a cache-aware router "
+            "on --host/--port (python -m lmprog.router offers the other policies)."
+        },
+    )
     api_key: str | None = field(
         default=None,
         metadata={
@@ -184,6 +192,7 @@ class ServerArgs:
             ("max_prefill_tokens", self.max_prefill_tokens >= 1, ">= 1"),
             ("kv_cache_bytes", self.kv_cache_bytes > 0, "> 0"),
             ("port", 0 <= self.port < 65536, "in [0, 65536)"),
+            ("dp_size", self.dp_size >= 1, ">= 1"),
             ("max_request_bytes", self.max_request_bytes > 0, "> 0"),
             ("grammar_cache_size", self.grammar_cache_size >= 1, ">= 1"),
             ("mem_fraction_static", 0 < self.mem_fraction_static <= 1, "in (0, 1]"),

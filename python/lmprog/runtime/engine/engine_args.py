@@ -29,6 +29,11 @@ def server_args_from(
     for pooling too. `enforce_eager=True` is `disable_cuda_graph=True`."""
     if tensor_parallel_size != 1:
         raise ValueError(f"tensor_parallel_size must be 1 (one device), got {tensor_parallel_size}")
+    if engine_args.get("dp_size", 1) != 1:
+        raise ValueError(
+            f"dp_size must be 1 in-process, got {engine_args['dp_size']}: replicas are servers "
+            "(python -m lmprog.launch_server --dp-size N)"
+        )
     call = task_call(task)
     if runner is not None or call not in (None, "generate"):
         engine_args["runner"] = runner or "pooling"
