@@ -187,6 +187,20 @@ class ToolParser(ABC):
         out.content += self._space + text
         self._space = ""
 
+    def _content_until(self, out: ParseDelta, marker: str) -> bool:
+        """Sends the buffered text (`self._buf`) before `marker` as content and drops the
+        marker: True. Without it, sends all that cannot start the marker and keeps the rest:
+        False (more text needed)."""
+        i = self._buf.find(marker)
+        if i < 0:
+            keep = len(self._buf) - held_back(self._buf, marker)
+            self._content(out, self._buf[:keep])
+            self._buf = self._buf[keep:]
+            return False
+        self._content(out, self._buf[:i])
+        self._buf = self._buf[i + len(marker) :]
+        return True
+
     def _advance(self, out: ParseDelta, call: CallStream, name: str, arguments: str) -> None:
         if not call.started:
             call.start(self.calls)

@@ -14,7 +14,6 @@ from lmprog.runtime.entrypoints.tool_parsers.base import (
     ParseDelta,
     ToolParser,
     call_progress,
-    held_back,
 )
 
 START, END = "<tool_call>", "</tool_call>"
@@ -36,14 +35,8 @@ class HermesToolParser(ToolParser):
         out = ParseDelta()
         while True:
             if self._call is None:
-                i = self._buf.find(START)
-                if i < 0:
-                    keep = len(self._buf) - held_back(self._buf, START)
-                    self._content(out, self._buf[:keep])
-                    self._buf = self._buf[keep:]
+                if not self._content_until(out, START):
                     return out
-                self._content(out, self._buf[:i])
-                self._buf = self._buf[i + len(START) :]
                 self._call = CallStream()
                 continue
             j = self._buf.find(END)

@@ -15,7 +15,6 @@ from lmprog.runtime.entrypoints.tool_parsers.base import (
     ParseDelta,
     ToolParser,
     call_progress,
-    held_back,
     object_end,
 )
 
@@ -55,14 +54,9 @@ class Llama3JsonToolParser(ToolParser):
                 self._state = "text"
             return True
         if self._state == "text":
-            i = self._buf.find(TAG)
-            if i < 0:
-                keep = len(self._buf) - held_back(self._buf, TAG)
-                self._content(out, self._buf[:keep])
-                self._buf = self._buf[keep:]
+            if not self._content_until(out, TAG):
                 return False
-            self._content(out, self._buf[:i])
-            self._buf, self._state = self._buf[i + len(TAG) :], "calls"
+            self._state = "calls"
             return True
         return self._step_calls(out)
 

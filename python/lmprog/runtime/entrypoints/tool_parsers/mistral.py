@@ -17,7 +17,6 @@ from lmprog.runtime.entrypoints.tool_parsers.base import (
     ParseDelta,
     ToolParser,
     call_progress,
-    held_back,
     object_end,
 )
 
@@ -46,14 +45,9 @@ class MistralToolParser(ToolParser):
         return out
 
     def _step_text(self, out: ParseDelta) -> bool:
-        i = self._buf.find(TAG)
-        if i < 0:
-            keep = len(self._buf) - held_back(self._buf, TAG)
-            self._content(out, self._buf[:keep])
-            self._buf = self._buf[keep:]
+        if not self._content_until(out, TAG):
             return False
-        self._content(out, self._buf[:i])
-        self._buf, self._state = self._buf[i + len(TAG) :], "tagged"
+        self._state = "tagged"
         return True
 
     def _step_tagged(self, out: ParseDelta) -> bool:
