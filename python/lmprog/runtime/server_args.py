@@ -165,6 +165,36 @@ class ServerArgs:
             "on --host/--port (python -m lmprog.router offers the other policies)."
         },
     )
+    tp_size: int = field(
+        default=1,
+        metadata={
+            "help": "Tensor-parallel ranks: the model's heads, MLP columns and vocabulary split "
+            "over N processes (gloo on CPU, NCCL on CUDA: one GPU each), which must divide the "
+            "model's attention heads. On CPU each rank gets cores // N threads."
+        },
+    )
+    nnodes: int = field(
+        default=1,
+        metadata={"help": "Machines the tensor-parallel ranks span (tp_size / nnodes each)."},
+    )
+    node_rank: int = field(
+        default=0,
+        metadata={
+            "help": "This machine's index among nnodes; 0 serves HTTP, the others only run "
+            "their ranks."
+        },
+    )
+    dist_init_addr: str | None = field(
+        default=None,
+        metadata={
+            "help": "host:port where the ranks meet (node 0's address; required with "
+            "nnodes > 1; default: a free local port)."
+        },
+    )
+    dist_timeout: int = field(
+        default=600,
+        metadata={"help": "Seconds the ranks wait for each other to start (and per step)."},
+    )
     api_key: str | None = field(
         default=None,
         metadata={
@@ -193,6 +223,19 @@ class ServerArgs:
             ("kv_cache_bytes", self.kv_cache_bytes > 0, "> 0"),
             ("port", 0 <= self.port < 65536, "in [0, 65536)"),
             ("dp_size", self.dp_size >= 1, ">= 1"),
+            ("tp_size", self.tp_size >= 1, ">= 1"),
+            (
+                "nnodes",
+                self.nnodes >= 1 and self.tp_size % self.nnodes == 0,
+                f">= 1 and divide tp_size ({self.tp_size})",
+            ),
+            ("node_rank", 0 <= self.node_rank < self.nnodes, f"in [0, nnodes={self.nnodes})"),
+            (
+                "dist_init_addr",
+                self.nnodes == 1 or _is_host_port(self.dist_init_addr),
+                "host:port (node 0's address) when nnodes > 1",
+            ),
+            ("dist_timeout", self.dist_timeout >= 1, ">= 1"),
             ("max_request_bytes", self.max_request_bytes > 0, "> 0"),
             ("grammar_cache_size", self.grammar_cache_size >= 1, ">= 1"),
             ("mem_fraction_static", 0 < self.mem_fraction_static <= 1, "in (0, 1]"),
@@ -270,7 +313,10 @@ class ServerArgs:
 
     @property
     def num_threads(self) -> int:
-        return self.cpu_threads or len(os.sched_getaffinity(0))
+        """torch threads of one model rank: cpu_threads, else the cores this machine's
+        tensor-parallel ranks share."""
+        ranks_here = self.tp_size // self.nnodes
+        return self.cpu_threads or max(1, len(os.sched_getaffinity(0)) // ranks_here)
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -300,6 +346,11 @@ class ServerArgs:
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> ServerArgs:
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
+def _is_host_port(addr: str | None) -> bool:
+    host, _, port = (addr or "").rpartition(":")
+    return bool(host) and port.isdigit()
 
 
 def _parser_checks(tool_call_parser: str | None, reasoning_parser: str | None) -> list:

@@ -28,7 +28,7 @@ def server_args_from(
     (models/pooling_task.py); older vLLM's `task` ("embed", "classify", "score", "reward") asks
     for pooling too. `enforce_eager=True` is `disable_cuda_graph=True`."""
     if tensor_parallel_size != 1:
-        raise ValueError(f"tensor_parallel_size must be 1 (one device), got {tensor_parallel_size}")
+        engine_args["tp_size"] = tensor_parallel_size
     if engine_args.get("dp_size", 1) != 1:
         raise ValueError(
             f"dp_size must be 1 in-process, got {engine_args['dp_size']}: replicas are servers "

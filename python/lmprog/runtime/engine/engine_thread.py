@@ -77,6 +77,8 @@ class EngineThread:
             if not self._exited:
                 self._inbox.put(_STOP)
         self._thread.join()
+        if self._scheduler is not None:
+            self._scheduler.model_runner.shutdown()  # other tensor-parallel ranks, if any
         self._scheduler = None
 
     # ---- the thread -----------------------------------------------------------------------

@@ -84,6 +84,12 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def shutdown(self) -> None:
+        """Stops the other tensor-parallel ranks this engine started and leaves their group, so
+        the process may build another sharded engine (with one rank: nothing to do). The
+        engine cannot run afterwards. Idempotent."""
+        self.scheduler.model_runner.shutdown()
+
     # ---- public API -----------------------------------------------------------------------
     def generate(
         self,

@@ -176,9 +176,9 @@ def launch_server(args: ServerArgs) -> int:
     inbox, outbox = f"ipc://{ipc}/scheduler_in", f"ipc://{ipc}/scheduler_out"
     ctx = mp.get_context("spawn")
     ready_r, ready_w = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=run_scheduler_process, args=(args, inbox, outbox, ready_w), daemon=True
-    )
+    # Not daemonic: under tensor parallelism it starts its machine's other ranks. It exits
+    # when this process is gone (it polls its parent), and is terminated below otherwise.
+    proc = ctx.Process(target=run_scheduler_process, args=(args, inbox, outbox, ready_w))
     proc.start()
     print(f"loading {args.model_path} ...", flush=True)
     while not ready_r.poll(0.2):

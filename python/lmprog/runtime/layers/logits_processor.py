@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmprog.runtime.distributed.parallel_state import current_tp
 from lmprog.runtime.layers.linear import fast_linear
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch
 
@@ -50,19 +51,22 @@ class LogitsProcessor(nn.Module):
     `TiedLMHead` when the embedding is tied, or their quantized replacements).
 
     Output: float32 [rows, vocab_size]. A padded vocabulary (checkpoints that round the
-    embedding up to a multiple of 64/128) is cut back to `vocab_size`.
+    embedding up to a multiple of 64/128) is cut back to `vocab_size`. Under tensor parallelism
+    each rank's head projects its shard of the vocabulary; the shards are gathered in rank
+    order, so every rank returns the whole rows.
     """
 
     def __init__(self, vocab_size: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.tp = current_tp()
 
     def forward(
         self, hidden: torch.Tensor, lm_head: nn.Module, forward_batch: ForwardBatch
     ) -> torch.Tensor:
         # The gather costs rows x hidden floats: noise next to the [rows, vocab] matmul.
         hidden = hidden[logits_rows(forward_batch)]
-        logits = lm_head(hidden)
+        logits = self.tp.all_gather_last(lm_head(hidden))
         if logits.shape[-1] != self.vocab_size:
             logits = logits[:, : self.vocab_size]
         return logits.float()

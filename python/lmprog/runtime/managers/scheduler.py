@@ -16,6 +16,7 @@ from collections import deque
 
 import torch
 
+from lmprog.runtime.distributed.parallel_state import TpOutOfStepError
 from lmprog.runtime.layers.sampler import Sampler
 from lmprog.runtime.managers.batch_result import FAULT_ENV, BatchResultMixin
 from lmprog.runtime.managers.detokenizer import OutputText
@@ -201,10 +202,13 @@ class Scheduler(BatchResultMixin):
     def _run_batch(self, batch: ScheduledBatch) -> list[Req]:
         """Runs the model on a batch and processes the result. A fault in the batched work
         (the forward, sampling) fails the batch's sequences; a fault in one sequence's own
-        processing fails that sequence alone (`_advance`). Either way the engine goes on."""
+        processing fails that sequence alone (`_advance`). Either way the engine goes on,
+        unless tensor-parallel ranks fell out of step (TpOutOfStepError), which ends it."""
         try:
             logits = self.model_runner.forward(batch.forward_batch)
             return self.process_batch_result(batch, logits)
+        except TpOutOfStepError:
+            raise
         except Exception as e:  # the failure is reported to its requests
             logger.exception("a %s step of %d sequences failed", batch.mode.name, len(batch.seqs))
             return self._fail_batch(batch, e)

@@ -6,6 +6,11 @@
 While requests run, it drains its inbox without blocking between steps; when idle it waits on
 the inbox. Every step reports the sequences that gained tokens (streaming requests) or ended;
 its counters go out when asked (GetServerInfoReq: /get_server_info and /metrics).
+
+Under tensor parallelism this process is rank 0 and the parent of its machine's other ranks.
+Losing a rank ends it (and so the server) with the reason logged: a watcher sees a local rank
+exit, and a step that fails, which is how a remote rank's loss shows, cannot be retried
+because the ranks no longer run in step.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 import zmq
 
+from lmprog.runtime.distributed.parallel_state import TpOutOfStepError
 from lmprog.runtime.layers.kernels import cpu_path
 from lmprog.runtime.managers import codec
 from lmprog.runtime.managers.io_struct import (
@@ -39,6 +47,7 @@ from lmprog.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 1000  # also how soon an orphaned scheduler notices its parent is gone
+RANK_POLL_S = 0.5  # how soon a lost tensor-parallel rank ends the server
 
 
 def run_scheduler_process(
@@ -52,6 +61,8 @@ def run_scheduler_process(
         ready.send(f"{type(e).__name__}: {e}")
         raise SystemExit(1) from None
     mr = scheduler.model_runner
+    if mr.workers:
+        threading.Thread(target=_watch_ranks, args=(mr,), daemon=True).start()
     ctx = zmq.Context()
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inbox.connect(inbox_addr)
@@ -73,6 +84,15 @@ def run_scheduler_process(
         )
     )
     SchedulerLoop(scheduler, inbox, outbox).run()
+    mr.shutdown()
+
+
+def _watch_ranks(mr: Any) -> None:
+    """Ends this process when one of its tensor-parallel ranks exits."""
+    while (why := mr.dead_worker()) is None:
+        time.sleep(RANK_POLL_S)
+    logger.error("%s; the server cannot run without it: exiting", why)
+    os._exit(1)
 
 
 class SchedulerLoop:
@@ -100,7 +120,20 @@ class SchedulerLoop:
             return self.scheduler.step()
         except Exception as e:  # reported to every request in flight
             logger.exception("a scheduler step failed; failing every request in flight")
-            return self.scheduler.fail_all(e)
+            failed = self.scheduler.fail_all(e)
+            if isinstance(e, TpOutOfStepError):
+                self._report_all(failed)
+                logger.error("%s; the server cannot go on: exiting", e)
+                self._exit(1)
+            return failed
+
+    def _exit(self, code: int) -> None:
+        """Exits at once, after the reports already sent have left (ZMQ sends in the
+        background; a plain exit could drop them)."""
+        self.inbox.close(linger=0)
+        self.outbox.close(linger=2000)
+        self.outbox.context.term()
+        os._exit(code)
 
     def _report_all(self, reqs: list[Req]) -> None:
         reports = [out for r in reqs if r.stream or r.finished for out in report(r)]

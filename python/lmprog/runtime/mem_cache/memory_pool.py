@@ -6,6 +6,9 @@
 Requests never copy KV: they hold kv slot indices. Which kv slots are free is the allocator's
 business (allocator.py); these pools only store.
 
+Under tensor parallelism rank 0's pools record what changes their contents in `journal` (a
+list the other ranks replay on their own pools before the next forward: distributed/step_sync.py).
+
 KV slots [0, page_size) are reserved as a padding page: index tables of a batch are padded with
 slot 0, which is never handed out, so padded reads are harmless and padded writes hit no live data.
 """
@@ -35,6 +38,7 @@ class ReqToTokenPool:
             (size + 1, max_context_len), dtype=torch.int64, device=device
         )
         self._free: list[int] = list(range(size))
+        self.journal: list | None = None
 
     def available_size(self) -> int:
         return len(self._free)
@@ -73,6 +77,10 @@ class ReqToTokenPool:
                 self._tail[slot] = (start + n - 1, int(kv_slots[taken - 1]))
         if not taken:
             return
+        if self.journal is not None:
+            self.journal.append(
+                ("req_to_token", "write_runs", (list(slots), list(starts), list(lens), kv_slots))
+            )
         counts = torch.tensor(lens)
         run_starts = torch.cumsum(counts, 0) - counts
         shift = torch.repeat_interleave(run_starts - torch.tensor(starts), counts)
@@ -128,6 +136,7 @@ class TokenToKVPool:
             torch.empty((rows, num_kv_heads, self.v_head_dim), dtype=dtype, device=device)
             for _ in range(num_layers)
         ]
+        self.journal: list | None = None
         # The padding page is read by padded gathers: keep it finite.
         for buf in (*self.k_buffer, *self.v_buffer):
             buf[:page_size].zero_()
@@ -157,5 +166,7 @@ class TokenToKVPool:
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copies the K/V of slots `src` into slots `dst`, in every layer."""
+        if self.journal is not None:
+            self.journal.append(("token_to_kv", "copy_slots", (src.cpu(), dst.cpu())))
         for buf in (*self.k_buffer, *self.v_buffer):
             buf[dst] = buf[src]

@@ -1,12 +1,29 @@
-"""ModelRunner: loads the model, sizes and owns the KV pools, runs one forward per step."""
+"""ModelRunner: loads the model, sizes and owns the KV pools, runs one forward per step.
+
+Under tensor parallelism (`tp_size` > 1) there is one ModelRunner per rank, each over its shard
+and its own pools of the same size. Rank 0's is the scheduler's: it starts its machine's other
+ranks (distributed/tp_worker.py) and sends them each step before running it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing as mp
 import time
 
 import torch
 
+from lmprog.runtime.distributed.parallel_state import (
+    SINGLE,
+    TpOutOfStepError,
+    building_with,
+    destroy_tp_group,
+    init_tp_group,
+)
+from lmprog.runtime.distributed.partition import split_attention
+from lmprog.runtime.distributed.step_sync import StepSender
+from lmprog.runtime.distributed.tp_worker import dead_worker, start_local_workers, with_init_addr
 from lmprog.runtime.layers.attention import create_attention_backend
 from lmprog.runtime.layers.attention.registry import resolve_backend_name
 from lmprog.runtime.layers.kernels import cpu_path
@@ -48,10 +65,40 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
         param.normal_(0.0, 0.02, generator=gen)
 
 
+def check_shardable(cls: type, quantization: str | None, tp_size: int) -> None:
+    """Fails when `cls` (or its quantization) cannot be split over `tp_size` ranks."""
+    if not hasattr(cls, "checkpoint_shard"):
+        raise ValueError(
+            f"{cls.__name__} cannot be split across ranks (tp_size {tp_size}): tensor "
+            "parallelism covers the Llama family (Llama, Mistral, Qwen2, Qwen3)"
+        )
+    if quantization == "gguf":
+        raise ValueError(
+            f"quantization 'gguf' computes from the file's whole blocks and cannot be split "
+            f"across ranks (tp_size {tp_size}); use int8 or no quantization"
+        )
+
+
 class ModelRunner:
-    def __init__(self, server_args: ServerArgs, loaded: LoadedModel | None = None) -> None:
-        self.server_args = server_args
-        self.device = torch.device(server_args.resolved_device)
+    def __init__(
+        self, server_args: ServerArgs, loaded: LoadedModel | None = None, tp_rank: int = 0
+    ) -> None:
+        self.server_args = with_init_addr(server_args)
+        self.workers: list[mp.Process] = []  # rank 0's: this machine's other ranks
+        self.tp, self.step_sender = SINGLE, None
+        self.loaded_all = False  # every rank loaded and sized its pools
+        self.out_of_step: str | None = None  # why the ranks stopped running in step
+        try:
+            self._init(loaded, tp_rank)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _init(self, loaded: LoadedModel | None, tp_rank: int) -> None:
+        server_args = self.server_args
+        if server_args.tp_size > 1:
+            self._join_tp(tp_rank)
+        self.device = self._rank_device(server_args.resolved_device)
         self.dtype = server_args.torch_dtype
         if self.device.type == "cpu":
             torch.set_num_threads(server_args.num_threads)
@@ -74,21 +121,71 @@ class ModelRunner:
         )
         self.attn_backend = create_attention_backend(self.attention_backend, **self._backend_args())
         self.graph_runner = self._init_cuda_graphs()
+        self.loaded_all = True
         logger.info(
-            "loaded %s in %.1fs: context %d, KV pool %d tokens, attention %s, CPU path %s",
+            "loaded %s in %.1fs: context %d, KV pool %d tokens, attention %s, CPU path %s%s",
             server_args.model_path,
             self.load_seconds,
             self.context_len,
             self.max_total_tokens,
             self.attention_backend,
             cpu_path(),
+            f", tensor-parallel rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else "",
         )
 
+    def _join_tp(self, rank: int) -> None:
+        """Starts this machine's other ranks (on rank 0) and joins the group."""
+        args = self.server_args
+        if rank == 0:
+            self.workers = start_local_workers(args)
+        self.tp = init_tp_group(
+            rank, args.tp_size, args.dist_init_addr, args.resolved_device, args.dist_timeout
+        )
+        if rank == 0:
+            self.step_sender = StepSender(self.tp)
+
+    def _rank_device(self, device_type: str) -> torch.device:
+        """The device of this rank: one GPU per rank of this machine."""
+        if device_type != "cuda" or self.tp.size == 1:
+            return torch.device(device_type)
+        per_node = self.server_args.tp_size // self.server_args.nnodes
+        device = torch.device("cuda", self.tp.rank % per_node)
+        torch.cuda.set_device(device)
+        return device
+
+    def dead_worker(self) -> str | None:
+        """Why one of this machine's other ranks is gone, or None while they all run."""
+        return dead_worker(self.workers)
+
+    def shutdown(self) -> None:
+        """Stops the other ranks (rank 0) and leaves the group. Idempotent."""
+        # Workers wait for steps only once every rank has loaded; before that they are ended.
+        stoppable = self.loaded_all and self.step_sender is not None
+        if stoppable and dead_worker(self.workers) is None:
+            with contextlib.suppress(RuntimeError):
+                self.step_sender.stop()
+        self.step_sender = None
+        for proc in self.workers:
+            proc.join(5 if stoppable else 0)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        self.workers = []
+        destroy_tp_group(self.tp)
+        self.tp = SINGLE
+
+    def _rank_heads(self) -> tuple[int, int, int, int]:
+        """(layers, query heads, KV heads, head dim) of this rank's share of the model."""
+        layers, kv_heads, head_dim = kv_shape(self.config)
+        heads = self.config.num_attention_heads
+        split = split_attention(heads, kv_heads, self.tp.rank, self.tp.size)
+        return layers, split.heads, split.kv_heads, head_dim
+
     def _backend_args(self) -> dict[str, object]:
-        """What an attention backend is built with: the model's heads and the pool's layout."""
-        _, kv_heads, head_dim = kv_shape(self.config)
+        """What an attention backend is built with: the rank's heads and the pool's layout."""
+        _, heads, kv_heads, head_dim = self._rank_heads()
         return {
-            "num_heads": self.config.num_attention_heads,
+            "num_heads": heads,
             "num_kv_heads": kv_heads,
             "head_dim": head_dim,
             "dtype": self.dtype,
@@ -101,6 +198,9 @@ class ModelRunner:
         args = self.server_args
         if self.device.type != "cuda" or args.disable_cuda_graph or self.pooling is not None:
             return None
+        if self.tp.is_sharded:
+            logger.info("CUDA graphs off: not yet captured across tensor-parallel ranks")
+            return None
         if not self.attn_backend.supports_cuda_graph:
             logger.info(
                 "CUDA graphs off: attention backend %s is not capturable", self.attention_backend
@@ -111,14 +211,16 @@ class ModelRunner:
 
     def _build_model(self) -> torch.nn.Module:
         cls = get_model_class(list(getattr(self.config, "architectures", None) or []))
-        with torch.device(self.device):
+        method = self.server_args.quantization
+        if self.tp.is_sharded:
+            check_shardable(cls, method, self.tp.size)
+        with torch.device(self.device), building_with(self.tp):
             model = cls(self.config)
         model = model.to(dtype=self.dtype)
         if self.server_args.load_format == "dummy":
-            init_dummy_weights(model)
+            init_dummy_weights(model, seed=self.tp.rank)
         else:
-            model.load_weights(self.loaded.weights())
-        method = self.server_args.quantization
+            model.load_weights(self.loaded.weights(getattr(model, "checkpoint_shard", None)))
         if method is not None:
             if self.device.type != "cpu":
                 raise ValueError(f"quantization {method!r} runs on CPU only (sgl_kernel's ops)")
@@ -191,9 +293,11 @@ class ModelRunner:
 
     def _init_pools(self) -> None:
         args = self.server_args
-        layers, kv_heads, head_dim = kv_shape(self.config)
+        layers, _, kv_heads, head_dim = self._rank_heads()
         bpt = TokenToKVPool.bytes_per_token(layers, kv_heads, head_dim, self.dtype)
-        self.allocator = TokenToKVPoolAllocator(self._pool_tokens(bpt), args.page_size)
+        # Every rank's pool has the same slots (rank 0 hands them out): what all can hold.
+        tokens = self.tp.min_int(self._pool_tokens(bpt))
+        self.allocator = TokenToKVPoolAllocator(tokens, args.page_size)
         self.max_total_tokens = self.allocator.size
         self.token_to_kv_pool = TokenToKVPool(
             self.max_total_tokens,
@@ -207,6 +311,9 @@ class ModelRunner:
         self.req_to_token_pool = ReqToTokenPool(
             args.max_running_requests, self.context_len, self.device
         )
+        if self.step_sender is not None:  # the other ranks replay what changes the pools
+            self.req_to_token_pool.journal = self.step_sender.journal
+            self.token_to_kv_pool.journal = self.step_sender.journal
 
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
@@ -215,6 +322,25 @@ class ModelRunner:
         forward_batch.req_to_token_pool = self.req_to_token_pool
         forward_batch.token_to_kv_pool = self.token_to_kv_pool
         forward_batch.attn_backend = self.attn_backend
+        if self.step_sender is not None:
+            return self._forward_sharded(forward_batch)
+        return self._run(forward_batch)
+
+    def _forward_sharded(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Rank 0: sends the step to the other ranks, then runs its part. Any failure leaves
+        the ranks out of step: this and every later step raise TpOutOfStepError."""
+        if self.out_of_step is not None:
+            raise TpOutOfStepError(self.out_of_step)
+        try:
+            if (why := self.dead_worker()) is not None:
+                raise RuntimeError(why)
+            self.step_sender.send(forward_batch)
+            return self._run(forward_batch)
+        except Exception as e:
+            self.out_of_step = f"tensor parallelism: a step failed on rank 0: {e}"
+            raise TpOutOfStepError(self.out_of_step) from e
+
+    def _run(self, forward_batch: ForwardBatch) -> torch.Tensor:
         if self.graph_runner is not None and self.graph_runner.can_run(forward_batch):
             return self.graph_runner.replay(forward_batch)
         self.attn_backend.init_forward_metadata(forward_batch)

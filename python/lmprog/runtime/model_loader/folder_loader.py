@@ -11,11 +11,14 @@ from collections.abc import Iterator
 import torch
 
 from lmprog.runtime.model_loader.resolve import weight_files
-from lmprog.runtime.model_loader.safetensors_io import read_tensors
+from lmprog.runtime.model_loader.safetensors_io import ShardOf, read_tensors, take_shard
 
 
-def folder_weights(folder: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) from every weight file of `folder`, floats cast to `dtype`."""
+def folder_weights(
+    folder: str, dtype: torch.dtype, shard_of: ShardOf | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) from every weight file of `folder`, floats cast to `dtype`;
+    with `shard_of`, each tensor's slice it names (safetensors_io.read_tensors)."""
     files = weight_files(folder)
     if not files:
         raise ValueError(
@@ -23,7 +26,10 @@ def folder_weights(folder: str, dtype: torch.dtype) -> Iterator[tuple[str, torch
             "pytorch_model*.bin); load_format='dummy' runs it with random weights"
         )
     for path in files:
-        tensors = read_tensors(path) if path.endswith(".safetensors") else _read_bin(path)
+        if path.endswith(".safetensors"):
+            tensors = read_tensors(path, shard_of)
+        else:
+            tensors = ((n, take_shard(t, shard_of and shard_of(n))) for n, t in _read_bin(path))
         for name, tensor in tensors:
             yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 

@@ -30,9 +30,11 @@ from gguf.quants import dequantize
 
 from lmprog.runtime.model_loader.cache import atomic_write_text, cache_dir, file_key
 from lmprog.runtime.model_loader.safetensors_io import (
+    ShardOf,
     is_readable,
     read_metadata,
     read_tensors,
+    take_shard,
     write_through,
 )
 
@@ -110,12 +112,19 @@ class GGUFCheckpoint:
         atomic_write_text(cached, config.to_json_string(use_diff=False))
         return config
 
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named tensors in `dtype`: from the cache, or dequantized while filling the cache."""
+    def weights(
+        self, dtype: torch.dtype, shard_of: ShardOf | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named tensors in `dtype`: from the cache, or dequantized while filling the cache
+        (the whole tensors: the cache is shared by every rank). `shard_of` as read_tensors."""
         dtype_name = str(dtype).removeprefix("torch.")
         cached = cache_dir() / "weights" / f"{self.key}-{dtype_name}.safetensors"
         if cached.exists() and is_readable(cached):
-            yield from read_tensors(cached)
+            yield from read_tensors(cached, shard_of)
+            return
+        if shard_of is not None:
+            for name, tensor in self.weights(dtype):
+                yield name, take_shard(tensor, shard_of(name))
             return
         logger.info("dequantizing %s to %s (cached at %s)", self.path, dtype, cached)
         config = self.config()

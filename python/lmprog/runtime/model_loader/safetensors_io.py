@@ -17,7 +17,7 @@ import os
 import pathlib
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -38,12 +38,36 @@ STORED_DTYPES: dict[torch.dtype, str] = {**SAFETENSORS_DTYPES, torch.uint8: "U8"
 TensorSpec = tuple[str, tuple[int, ...]]  # (name, shape)
 
 
-def read_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from a .safetensors file in file order (memory-mapped reads)."""
+# The part of a checkpoint tensor one tensor-parallel rank reads: (dim, start, stop).
+Shard = tuple[int, int, int]
+ShardOf = Callable[[str], "Shard | None"]
+
+
+def read_tensors(
+    path: str | os.PathLike[str], shard_of: ShardOf | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from a .safetensors file in file order (memory-mapped reads).
+
+    `shard_of(name)`, when given, names the slice of each tensor to read (None: all of it):
+    only that slice's bytes are read, so a rank never holds another rank's weights."""
     with safe_open(str(path), framework="pt") as f:
         names = f.offset_keys() if hasattr(f, "offset_keys") else f.keys()
         for name in names:
-            yield name, f.get_tensor(name)
+            shard = shard_of(name) if shard_of is not None else None
+            if shard is None:
+                yield name, f.get_tensor(name)
+                continue
+            dim, start, stop = shard
+            index = (slice(None),) * dim + (slice(start, stop),)
+            yield name, f.get_slice(name)[index]
+
+
+def take_shard(tensor: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    """`tensor`'s slice `shard` (for sources read whole: .bin files, a first GGUF conversion)."""
+    if shard is None:
+        return tensor
+    dim, start, stop = shard
+    return tensor.narrow(dim, start, stop - start)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -20,6 +20,11 @@ sequences stay within the window; a warning is logged when a config declares an 
 
 For the model runner: `num_layers`, `num_kv_heads` and `head_dim` (instance attributes) size the
 KV pool, `max_context_len` bounds sequences.
+
+Tensor parallelism (distributed/): built under a sharded group, each rank holds its query and
+KV heads, its MLP columns and its vocabulary rows (llama_shards.py says which); o_proj's and
+down_proj's partial products are all-reduced, the logits gathered. Built alone, the same code
+is the whole model.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmprog.runtime.distributed.parallel_state import TpGroup, current_tp
+from lmprog.runtime.distributed.partition import split_attention, split_evenly
 from lmprog.runtime.layers.activation import SiluAndMul
 from lmprog.runtime.layers.attention.base import RadixAttention
 from lmprog.runtime.layers.decode_stack import DecodeStack, stack_enabled
@@ -39,7 +46,10 @@ from lmprog.runtime.layers.layernorm import RMSNorm
 from lmprog.runtime.layers.linear import linear, uninitialized
 from lmprog.runtime.layers.logits_processor import LogitsProcessor, TiedLMHead
 from lmprog.runtime.layers.rotary import RopeRows, RotaryEmbedding, rope_parameters
+from lmprog.runtime.layers.vocab_parallel import VocabParallelEmbedding
 from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
+from lmprog.runtime.model_loader.safetensors_io import Shard
+from lmprog.runtime.models.llama_shards import VOCAB_WEIGHTS, LlamaShards
 from lmprog.runtime.models.weight_loading import Target, expected_keys, load_named_weights
 
 logger = logging.getLogger(__name__)
@@ -68,14 +78,18 @@ class LlamaAttention(nn.Module):
         super().__init__()
         model_type = getattr(config, "model_type", "llama")
         bias = bool(getattr(config, "attention_bias", False))
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = _kv_heads(config)
+        self.tp = current_tp()
+        heads, kv_heads = config.num_attention_heads, _kv_heads(config)
+        split = split_attention(heads, kv_heads, self.tp.rank, self.tp.size)
+        self.num_heads = split.heads  # this rank's
+        self.num_kv_heads = split.kv_heads
         self.head_dim = _head_dim(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         qkv_bias = bias or model_type == "qwen2"
         self.qkv_proj = linear(config.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias, dtype)
-        self.o_proj = linear(self.q_size, config.hidden_size, bias, dtype)
+        # Row-parallel: rank 0 alone adds the bias (after the all-reduce it is added once).
+        self.o_proj = linear(self.q_size, config.hidden_size, bias and self.tp.rank == 0, dtype)
         self.qk_norm = model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -83,6 +97,11 @@ class LlamaAttention(nn.Module):
         self.attn = RadixAttention(layer_id, self.num_heads, self.head_dim, self.num_kv_heads)
 
     def forward(self, hidden: torch.Tensor, rope: RopeRows, fb: ForwardBatch) -> torch.Tensor:
+        return self.tp.all_reduce(self.o_proj(self._attend(hidden, rope, fb)))
+
+    def _attend(self, hidden: torch.Tensor, rope: RopeRows, fb: ForwardBatch) -> torch.Tensor:
+        """[T, hidden] -> [T, heads * head_dim]: this rank's heads attended (before o_proj);
+        writes their K/V to the pool."""
         t, h, hkv, d = hidden.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) * D]: q heads, then k heads, then v heads
         v = qkv[:, self.q_size + self.kv_size :].view(t, hkv, d)
@@ -91,16 +110,16 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size].view(t, hkv, d))
             q = RotaryEmbedding.apply(q, rope.cos, rope.sin)
             k = RotaryEmbedding.apply(k, rope.cos, rope.sin)
-            return self.o_proj(self.attn(q, k, v, fb))
+            return self.attn(q, k, v, fb)
         fused = self._fused_rope_store(qkv, rope, fb)
         if fused is not None:
             q, k = fused
-            return self.o_proj(self.attn(q, k, v, fb, save_kv_cache=False))
+            return self.attn(q, k, v, fb, save_kv_cache=False)
         # q and k heads are adjacent in each row: rotate them in one pass.
         qk = RotaryEmbedding.apply(
             qkv[:, : self.q_size + self.kv_size].view(t, h + hkv, d), rope.cos, rope.sin
         )
-        return self.o_proj(self.attn(qk[:, :h], qk[:, h:], v, fb))
+        return self.attn(qk[:, :h], qk[:, h:], v, fb)
 
     def _fused_rope_store(
         self, qkv: torch.Tensor, rope: RopeRows, fb: ForwardBatch
@@ -133,13 +152,17 @@ class LlamaMLP(nn.Module):
         if getattr(config, "hidden_act", "silu") != "silu":
             raise NotImplementedError(f"hidden_act {config.hidden_act!r} (only silu)")
         bias = bool(getattr(config, "mlp_bias", False))
-        hidden, inter = config.hidden_size, config.intermediate_size
+        self.tp = current_tp()
+        start, stop = split_evenly(
+            config.intermediate_size, self.tp.rank, self.tp.size, "intermediate_size"
+        )
+        hidden, inter = config.hidden_size, stop - start  # this rank's columns
         self.gate_up_proj = linear(hidden, 2 * inter, bias, dtype)
-        self.down_proj = linear(inter, hidden, bias, dtype)
+        self.down_proj = linear(inter, hidden, bias and self.tp.rank == 0, dtype)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.act_fn(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -173,8 +196,9 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, dtype: torch.dtype) -> None:
         super().__init__()
+        self.tp = current_tp()
         self.embed_tokens = uninitialized(
-            nn.Embedding, config.vocab_size, config.hidden_size, dtype=dtype
+            VocabParallelEmbedding, config.vocab_size, config.hidden_size, dtype=dtype
         )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers)
@@ -189,7 +213,9 @@ class LlamaModel(nn.Module):
         """The C++ stack of these layers for decode steps (layers/decode_stack.py), built once
         on first use, after loading and quantization; None where it does not apply."""
         if self._stack is None:
-            self._stack = (DecodeStack.build(self) if stack_enabled() else None,)
+            # The stack runs whole layers in C++: it has no place for a rank's all-reduces.
+            usable = stack_enabled() and not self.tp.is_sharded
+            self._stack = (DecodeStack.build(self) if usable else None,)
         return self._stack[0]
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
@@ -220,8 +246,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         dtype = dtype or torch.float32
         self.config = config
+        self.tp = current_tp()
+        self.shards = LlamaShards(config, self.tp)
         self.num_layers: int = config.num_hidden_layers
-        self.num_kv_heads: int = _kv_heads(config)
+        self.num_kv_heads: int = rank_kv_heads(config, self.tp)
         self.head_dim: int = _head_dim(config)
         self.max_context_len: int = config.max_position_embeddings
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -229,7 +257,8 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head: nn.Module = TiedLMHead(self.model.embed_tokens)
         else:
-            self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtype)
+            rows = self.model.embed_tokens.num_embeddings  # this rank's (padded) vocabulary
+            self.lm_head = linear(config.hidden_size, rows, False, dtype)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.requires_grad_(False)
         self._warn_sliding_window(config)
@@ -237,6 +266,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
         hidden = self.model(forward_batch)
         return self.logits_processor(hidden, self.lm_head, forward_batch)
+
+    def checkpoint_shard(self, name: str) -> Shard | None:
+        """The slice of checkpoint tensor `name` this rank loads (None: all of it)."""
+        return self.shards.source(name)
 
     def checkpoint_names(self, module: str) -> list[str]:
         """The HF weights whose rows, in order, make up linear layer `module`'s weight
@@ -265,18 +298,9 @@ class LlamaForCausalLM(nn.Module):
             )
 
 
-def _shard_rows(config: Any, fused: str, shard: str) -> slice:
-    """Rows of a fused weight that one HF weight fills (see STACKED_PARAMS)."""
-    q = config.num_attention_heads * _head_dim(config)
-    kv = _kv_heads(config) * _head_dim(config)
-    inter = config.intermediate_size
-    return {
-        "q": slice(0, q),
-        "k": slice(q, q + kv),
-        "v": slice(q + kv, q + 2 * kv),
-        "gate": slice(0, inter),
-        "up": slice(inter, 2 * inter),
-    }[shard]
+def rank_kv_heads(config: Any, tp: TpGroup) -> int:
+    """The KV heads one rank of `tp` holds (all of them on one rank)."""
+    return split_attention(config.num_attention_heads, _kv_heads(config), tp.rank, tp.size).kv_heads
 
 
 def load_llama_weights(
@@ -284,21 +308,25 @@ def load_llama_weights(
 ) -> None:
     """Loads HF Llama-family weights into `model`, whose body is `model.model` (a LlamaModel)
     and whose other parameters are named as HF's (`lm_head`, a classifier's `score`); the
-    names in `skip` are not used. Fails on an unknown name, a wrong shape or a missing one."""
+    names in `skip` are not used. Fails on an unknown name, a wrong shape or a missing one.
+    Under tensor parallelism the tensors are the rank's slices (`model.shards.source`)."""
     config = model.config
+    shards: LlamaShards = model.shards
 
     def target(name: str) -> Target | None:
         """HF name -> (our parameter, its rows, key in the loaded set); None: not used here."""
-        if "rotary_emb." in name or name in skip:
+        if "rotary_emb." in name or name in skip or shards.held_elsewhere(name):
             return None  # recomputed buffers; a tied head is the embedding
         for fused, theirs, shard in STACKED_PARAMS:
             if f".{theirs}." in name:
                 target = name.replace(f".{theirs}.", f".{fused}.")
-                return target, _shard_rows(config, fused, shard), f"{target}[{shard}]"
+                return target, shards.fused_rows(shard), f"{target}[{shard}]"
+        if name in VOCAB_WEIGHTS:
+            return name, shards.vocab_target_rows(), name
         return name, slice(None), name
 
-    shards: dict[str, list[str]] = {}
+    fused_ids: dict[str, list[str]] = {}
     for fused, _, shard in STACKED_PARAMS:
-        shards.setdefault(fused, []).append(shard)
+        fused_ids.setdefault(fused, []).append(shard)
     family = getattr(config, "model_type", "?")
-    load_named_weights(model, weights, target, expected_keys(model, shards), family)
+    load_named_weights(model, weights, target, expected_keys(model, fused_ids), family)

@@ -17,8 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmprog.runtime.distributed.parallel_state import current_tp
 from lmprog.runtime.layers.linear import linear
-from lmprog.runtime.models.llama import LlamaModel, _head_dim, _kv_heads, load_llama_weights
+from lmprog.runtime.model_loader.safetensors_io import Shard
+from lmprog.runtime.models.llama import LlamaModel, _head_dim, load_llama_weights, rank_kv_heads
+from lmprog.runtime.models.llama_shards import LlamaShards
 
 
 class _LlamaClassifier(nn.Module):
@@ -32,7 +35,9 @@ class _LlamaClassifier(nn.Module):
         dtype = dtype or torch.float32
         self.config = config
         self.num_layers: int = config.num_hidden_layers
-        self.num_kv_heads: int = _kv_heads(config)
+        self.tp = current_tp()
+        self.shards = LlamaShards(config, self.tp)
+        self.num_kv_heads: int = rank_kv_heads(config, self.tp)
         self.head_dim: int = _head_dim(config)
         self.max_context_len: int = config.max_position_embeddings
         self.model = LlamaModel(config, dtype)
@@ -49,6 +54,10 @@ class _LlamaClassifier(nn.Module):
 
     def _head_bias(self, config: Any) -> bool:
         return False
+
+    def checkpoint_shard(self, name: str) -> Shard | None:
+        """The slice of checkpoint tensor `name` this rank loads (the score head: all)."""
+        return self.shards.source(name)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_llama_weights(self, weights)
