@@ -4,7 +4,8 @@ Layers take the group current while the model is built (`building_with`) and kee
 process may hold a tp-1 model beside a sharded one (tests do) without any global switch.
 
 Two process groups: `device_group` carries the tensors of a step (NCCL on CUDA, gloo on CPU);
-`cpu_group` (gloo) carries rank 0's step messages. The step messages wait as long as the
+`cpu_group` (gloo) carries rank 0's step messages. CPU ranks on one machine reduce and gather
+through shared memory instead (shm_comm.py: microseconds where gloo takes a millisecond). The step messages wait as long as the
 server idles, so their group's timeout is long; a dead peer still fails every wait at once
 (gloo sees the socket close), which is what ends a server whose rank died.
 """
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lmprog.runtime.distributed.shm_comm import ShmComm, shm_supported
+
 IDLE_TIMEOUT = datetime.timedelta(days=365)  # a step message may be days away
 
 
@@ -34,6 +37,7 @@ class TpGroup:
     size: int = 1
     device_group: Any = None
     cpu_group: Any = None
+    shm: ShmComm | None = None  # CPU ranks of one machine
 
     @property
     def is_sharded(self) -> bool:
@@ -41,14 +45,20 @@ class TpGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sums `x` over the ranks in place (a row-parallel layer's partial products)."""
-        if self.size > 1:
-            dist.all_reduce(x, group=self.device_group)
+        if self.size == 1:
+            return x
+        if self.shm is not None and self.shm.fits(x) and x.is_contiguous():
+            return self.shm.all_reduce(x)
+        dist.all_reduce(x, group=self.device_group)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """The ranks' `x` concatenated along the last dimension, in rank order."""
         if self.size == 1:
             return x
+        x = x.contiguous()
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_gather_last(x)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.device_group)
         return torch.cat(parts, dim=-1)
@@ -82,7 +92,7 @@ def current_tp() -> TpGroup:
 
 
 def init_tp_group(
-    rank: int, size: int, init_addr: str, device_type: str, timeout_s: float
+    rank: int, size: int, init_addr: str, device_type: str, timeout_s: float, one_machine: bool
 ) -> TpGroup:
     """Joins the `size` ranks at `init_addr` (host:port; rank 0 listens there) as `rank`.
 
@@ -103,9 +113,14 @@ def init_tp_group(
     )
     device_group = dist.group.WORLD
     cpu_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return TpGroup(rank, size, device_group, cpu_group)
+    shm = None
+    if device_type == "cpu" and one_machine and shm_supported():
+        shm = ShmComm.create(rank, size, cpu_group)
+    return TpGroup(rank, size, device_group, cpu_group, shm)
 
 
 def destroy_tp_group(group: TpGroup) -> None:
+    if group.shm is not None:
+        group.shm.close()
     if group.size > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -2,7 +2,8 @@
 
 A step is one message on the cpu group (a pickled `StepHeader`: the mode, the host lengths,
 and the pool operations since the last step) and one int64 tensor on the device group (the
-step's index tensors, packed; they never come back to the host):
+step's index tensors, packed; they never come back to the host). On CPU the packed tensor rides
+in the header: one broadcast fewer per step.
 
     packed = input_ids [T] | positions [T] | req_pool_indices [B] | seq_lens [B]
              | extend_prefix_lens [B] | extend_seq_lens [B] | out_cache_loc [S]
@@ -40,6 +41,7 @@ class StepHeader:
     num_logit_rows: int | None  # R, or None: the default rows
     token_types: bool
     pool_ops: list[PoolOp]
+    packed: torch.Tensor | None = None  # CPU ranks: the index tensors, in the message
 
 
 class StepSender:
@@ -74,6 +76,8 @@ class StepSender:
         ]
         parts += [t for t in (fb.logits_indices, fb.token_type_ids) if t is not None]
         packed = torch.cat([t.reshape(-1).to(torch.int64) for t in parts])
+        if packed.device.type == "cpu":
+            header.packed = packed
         self._broadcast(header, packed)
 
     def stop(self) -> None:
@@ -82,7 +86,8 @@ class StepSender:
     def _broadcast(self, header: StepHeader, packed: torch.Tensor) -> None:
         try:
             dist.broadcast_object_list([header], src=0, group=self.tp.cpu_group)
-            dist.broadcast(packed, src=0, group=self.tp.device_group)
+            if header.packed is None:
+                dist.broadcast(packed, src=0, group=self.tp.device_group)
         except RuntimeError as e:
             raise RuntimeError(f"tensor parallelism: a rank of {self.tp.size} is gone: {e}") from e
 
@@ -102,8 +107,10 @@ def receive_step(tp: TpGroup, runner: Any) -> ForwardBatch | None:
     sizes = [t, t, b, b, b, b, header.num_slots]
     sizes += [header.num_logit_rows] if header.num_logit_rows is not None else []
     sizes += [t] if header.token_types else []
-    packed = torch.empty(sum(sizes), dtype=torch.int64, device=runner.device)
-    dist.broadcast(packed, src=0, group=tp.device_group)
+    packed = header.packed
+    if packed is None:
+        packed = torch.empty(sum(sizes), dtype=torch.int64, device=runner.device)
+        dist.broadcast(packed, src=0, group=tp.device_group)
     ids, pos, rows, lens, prefix, ext, loc, *extra = packed.split(sizes)
     logits_indices = extra.pop(0) if header.num_logit_rows is not None else None
     token_type_ids = extra.pop(0) if header.token_types else None

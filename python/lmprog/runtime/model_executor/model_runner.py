@@ -139,7 +139,12 @@ class ModelRunner:
         if rank == 0:
             self.workers = start_local_workers(args)
         self.tp = init_tp_group(
-            rank, args.tp_size, args.dist_init_addr, args.resolved_device, args.dist_timeout
+            rank,
+            args.tp_size,
+            args.dist_init_addr,
+            args.resolved_device,
+            args.dist_timeout,
+            one_machine=args.nnodes == 1,
         )
         if rank == 0:
             self.step_sender = StepSender(self.tp)
