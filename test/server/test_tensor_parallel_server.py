@@ -62,12 +62,13 @@ def wait_exit(proc: subprocess.Popen, timeout: float = 30) -> int:
 
 
 def test_one_machine_two_ranks(folder: str, expected: str) -> None:
-    server = Server("--model-path", folder, "--tp-size", "2")
+    server = Server("--model-path", folder, "--tp-size", "2", "--disable-dashboard")
     server.model = folder
     try:
         reply = complete(server)
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["text"] == expected
+        assert requests.get(f"{server.url}/dashboard").status_code == 404  # --disable-dashboard
         (rank1,) = spawned_children(server.scheduler_pid())
         os.kill(rank1, signal.SIGKILL)
         assert wait_exit(server.proc) != 0

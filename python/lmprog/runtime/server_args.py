@@ -210,6 +210,13 @@ class ServerArgs:
     max_request_bytes: int = field(
         default=16 << 20, metadata={"help": "Server: largest request body (default 16 MiB)."}
     )
+    disable_dashboard: bool = field(
+        default=False, metadata={"help": "Server: no live dashboard at GET /dashboard."}
+    )
+    dashboard_hide_prompts: bool = field(
+        default=False,
+        metadata={"help": "Server: the dashboard shows no prompt text (tree edges, requests)."},
+    )
     debug_checks: bool = field(
         default=False,
         metadata={"help": "Check KV accounting and the prefix cache whenever the engine idles."},

@@ -6,8 +6,8 @@
          if the scheduler process dies. SIGTERM drains in-flight requests and exits 0.
 
 Routes: native ones in native_api.py and generate_api.py, OpenAI's in openai_api.py, a pooling
-model's in embeddings_api.py, classify_api.py and score_api.py; all share the TokenizerManager
-kept on `app.state.tm`.
+model's in embeddings_api.py, classify_api.py and score_api.py, the live dashboard's in
+dashboard/; all share the TokenizerManager kept on `app.state.tm`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import multiprocessing as mp
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,6 +30,9 @@ from fastapi import FastAPI
 
 from lmprog.lang.chat_template import derive_roles
 from lmprog.runtime.entrypoints.classify_api import router as classify_router
+from lmprog.runtime.entrypoints.dashboard.history import DashboardHistory
+from lmprog.runtime.entrypoints.dashboard.routes import router as dashboard_router
+from lmprog.runtime.entrypoints.dashboard.routes import sample_forever
 from lmprog.runtime.entrypoints.embeddings_api import router as embeddings_router
 from lmprog.runtime.entrypoints.errors import error_response, install_error_handlers
 from lmprog.runtime.entrypoints.generate_api import router as generate_router
@@ -43,7 +47,8 @@ from lmprog.runtime.managers.tokenizer_manager import TokenizerManager
 from lmprog.runtime.server_args import ServerArgs
 
 logger = logging.getLogger("lmprog.server")
-OPEN_ROUTES = ("/health", "/get_model_info", "/metrics")  # never behind the API key
+# Never behind the API key. The dashboard's page holds no data: it asks for the key itself.
+OPEN_ROUTES = ("/health", "/get_model_info", "/metrics", "/dashboard")
 WATCHDOG_INTERVAL = 0.5
 
 
@@ -62,9 +67,15 @@ def build_app(
         tm.metrics = Metrics(args.model_name)
         tm.start()
         app.state.tm = tm
-        watchdog = asyncio.get_running_loop().create_task(_watch(tm))
+        app.state.started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(_watch(tm))]
+        if not args.disable_dashboard:
+            tm.dashboard = app.state.dashboard = DashboardHistory(args.dashboard_hide_prompts)
+            tasks.append(loop.create_task(sample_forever(tm, tm.dashboard)))
         yield
-        watchdog.cancel()
+        for task in tasks:
+            task.cancel()
 
     async def _watch(tm: TokenizerManager) -> None:
         while scheduler_proc.is_alive():
@@ -88,6 +99,8 @@ def build_app(
     app.include_router(classify_router)
     app.include_router(score_router)
     app.include_router(metrics_router)
+    if not args.disable_dashboard:
+        app.include_router(dashboard_router)
     return app
 
 

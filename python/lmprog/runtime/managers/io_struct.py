@@ -74,13 +74,14 @@ class FlushCacheResult:
 
 @dataclass
 class GetServerInfoReq:
-    pass
+    cache_tree: bool = False  # also the prefix cache's top levels (the dashboard's view)
 
 
 @dataclass
 class ServerInfo:
     kv: dict[str, int]  # Scheduler.kv_stats()
     stats: dict[str, float]  # SchedulerStats counters
+    cache_tree: dict | None = None  # mem_cache/tree_view.py, when asked for
 
 
 @dataclass

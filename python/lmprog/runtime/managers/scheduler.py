@@ -52,6 +52,7 @@ from lmprog.runtime.managers.validation import (
 from lmprog.runtime.mem_cache.base import BasePrefixCache
 from lmprog.runtime.mem_cache.chunk_cache import ChunkCache
 from lmprog.runtime.mem_cache.radix_cache import RadixCache
+from lmprog.runtime.mem_cache.tree_view import record_hit, tree_view
 from lmprog.runtime.model_executor.forward_batch import ForwardMode
 from lmprog.runtime.model_executor.model_runner import ModelRunner
 from lmprog.runtime.server_args import ServerArgs
@@ -337,6 +338,8 @@ class Scheduler(BatchResultMixin):
             req.num_cached_tokens = n_cached
             self.stats.cache_query_tokens += len(req.origin_input_ids)
             self.stats.cache_hit_tokens += n_cached
+            if n_cached and isinstance(self.tree_cache, RadixCache):
+                record_hit(match.last_node)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         if not self.running:
@@ -464,6 +467,13 @@ class Scheduler(BatchResultMixin):
     # ---- accounting -----------------------------------------------------------------------
     def kv_stats(self) -> dict[str, int]:
         return kv_stats(self)
+
+    def cache_tree(self) -> dict | None:
+        """The prefix cache's top levels for the dashboard (mem_cache/tree_view.py); None
+        without a radix cache."""
+        if not isinstance(self.tree_cache, RadixCache):
+            return None
+        return tree_view(self.tree_cache.root, self.tokenizer.decode)
 
     def check_integrity(self) -> None:
         """Asserts the KV accounting (kv_accounting.py)."""

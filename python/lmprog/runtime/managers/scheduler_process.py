@@ -169,14 +169,15 @@ class SchedulerLoop:
         elif isinstance(message, FlushCacheReq):
             self._send(FlushCacheResult(sched.flush_cache()))
         elif isinstance(message, GetServerInfoReq):
-            self._send(self._server_info())
+            self._send(self._server_info(message.cache_tree))
         else:
             logger.error("ignoring an unknown message %s", type(message).__name__)
 
-    def _server_info(self) -> ServerInfo:
+    def _server_info(self, with_tree: bool) -> ServerInfo:
         stats = self.scheduler.stats
         counters = dataclasses.asdict(stats) | {"cache_hit_rate": stats.cache_hit_rate}
-        return ServerInfo(kv=self.scheduler.kv_stats(), stats=counters)
+        tree = self.scheduler.cache_tree() if with_tree else None
+        return ServerInfo(kv=self.scheduler.kv_stats(), stats=counters, cache_tree=tree)
 
     def _send(self, message: Any) -> None:
         self.outbox.send(codec.encode(message))

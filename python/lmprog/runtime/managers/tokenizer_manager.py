@@ -84,6 +84,7 @@ class RequestState:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: int = 0
     ended: bool = False
+    prompt_text: str | None = None  # for the dashboard's recent requests
 
 
 def _sequences(req: TokenizedGenerateReqInput) -> int:
@@ -114,6 +115,7 @@ class TokenizerManager:
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}"
         self.metrics: Any = None  # entrypoints.metrics.Metrics, set by the server
+        self.dashboard: Any = None  # entrypoints.dashboard.history.DashboardHistory, idem
         self.alive = True
         self._loop_task: asyncio.Task | None = None
         self._bound = PromptBound(tokenizer)
@@ -191,7 +193,7 @@ class TokenizerManager:
             self._check_capacity(seqs)
         states = []
         for req in reqs:
-            state = RequestState(req.rid, _sequences(req))
+            state = RequestState(req.rid, _sequences(req), prompt_text=req.input_text)
             self._states[req.rid] = state
             self._sequences_in_flight += state.n
             states.append(state)
@@ -256,8 +258,8 @@ class TokenizerManager:
     async def flush_cache(self) -> bool:
         return (await self._ask(FlushCacheReq(), FlushCacheResult)).success
 
-    async def get_server_info(self) -> ServerInfo:
-        return await self._ask(GetServerInfoReq(), ServerInfo)
+    async def get_server_info(self, cache_tree: bool = False) -> ServerInfo:
+        return await self._ask(GetServerInfoReq(cache_tree), ServerInfo)
 
     async def _ask(self, request: Any, reply_type: type) -> Any:
         if not self.alive:
@@ -293,6 +295,8 @@ class TokenizerManager:
                     state.finished += 1
                     if self.metrics is not None:
                         self.metrics.finished(out)
+                    if self.dashboard is not None:
+                        self.dashboard.finished(out, state.prompt_text)
                     if state.finished == state.n:
                         self._end(state)
         elif isinstance(message, RequestError):

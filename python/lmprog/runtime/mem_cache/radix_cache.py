@@ -36,7 +36,7 @@ _EMPTY = torch.empty(0, dtype=torch.int64)
 
 
 class TreeNode:
-    __slots__ = ("children", "key", "last_access", "lock_ref", "parent", "value")
+    __slots__ = ("children", "heat", "hits", "key", "last_access", "lock_ref", "parent", "value")
 
     def __init__(self, key: list[int], value: torch.Tensor, parent: TreeNode | None) -> None:
         self.children: dict[int | tuple[int, ...], TreeNode] = {}
@@ -45,6 +45,8 @@ class TreeNode:
         self.value = value  # their KV slots, int64 [len(key)] on CPU
         self.lock_ref = 0
         self.last_access = 0
+        self.hits = 0  # admitted requests that reused this node's tokens
+        self.heat = (0.0, 0.0)  # (recent hits, decayed to this time.monotonic()): tree_view.py
 
     def __lt__(self, other: TreeNode) -> bool:  # heap order: least recently used first
         return self.last_access < other.last_access
@@ -145,6 +147,7 @@ class RadixCache(BasePrefixCache):
         parent = child.parent
         upper = TreeNode(child.key[:n], child.value[:n], parent)
         upper.lock_ref, upper.last_access = child.lock_ref, child.last_access
+        upper.hits, upper.heat = child.hits, child.heat
         parent.children[self._child_key(upper.key)] = upper
         child.key, child.value, child.parent = child.key[n:], child.value[n:], upper
         upper.children[self._child_key(child.key)] = child
