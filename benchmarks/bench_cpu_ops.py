@@ -3,6 +3,7 @@ this machine's ceilings (a memory copy and an fp32 matmul, measured in the same 
 
     python benchmarks/bench_cpu_ops.py
     LMPROG_CPU_ISA=avx2 python benchmarks/bench_cpu_ops.py     # a lower path
+    python benchmarks/bench_cpu_ops.py --plot cpu_ops.png
 
 Shapes are SmolLM2-135M's (hidden 576, 9 heads / 3 KV heads of 64, MLP 1536), float32.
 """
@@ -17,6 +18,7 @@ import sgl_kernel
 import torch
 import torch.nn.functional as F
 from machine_info import header
+from plotting import Bars, Ceiling, add_plot_flag, check_plot_path, save
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP = 576, 9, 3, 64, 1536
 
@@ -155,8 +157,30 @@ def rows(copy_gbs: float, flops: float) -> list[tuple]:
     return out
 
 
+def plot(path: str, table: list[tuple], copy_gbs: float, flops: float, title: str) -> None:
+    """The kernel rate column, a panel per unit under its ceiling: memory-bound ops in GB/s
+    against the copy, attention in GFLOP/s against the fp32 matmul."""
+    panels = []
+    for unit, ceiling, what in (("GB/s", copy_gbs, "copy"), ("GFLOP/s", flops, "fp32 matmul")):
+        ops = [(name, rate) for name, _, _, rate, u, _ in table if u == unit]
+        if ops:
+            panels.append(
+                Bars(
+                    [name for name, _ in ops],
+                    {"sgl_kernel": [rate for _, rate in ops]},
+                    f"kernel rate ({unit})",
+                    title=f"achieved {unit}",
+                    ceiling=Ceiling(ceiling, f"{what} ceiling {ceiling:.1f} {unit}"),
+                )
+            )
+    save(path, title, panels, ncols=1)
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_plot_flag(parser)
+    args = parser.parse_args()
+    check_plot_path(args.plot)
     print(
         f"# bench_cpu_ops: {header()}, kernels on {sgl_kernel.cpu_isa()}, "
         f"{torch.get_num_threads()} torch threads"
@@ -165,11 +189,18 @@ def main() -> None:
     print(f"ceilings: copy {copy_gbs:.1f} GB/s (read + write), fp32 matmul {flops:.1f} GFLOP/s\n")
     print("| op | torch ms | kernel ms | speedup | kernel rate | of ceiling |")
     print("|---|---|---|---|---|---|")
-    for name, ref, ker, rate, unit, ceiling in rows(copy_gbs, flops):
+    table = rows(copy_gbs, flops)
+    for name, ref, ker, rate, unit, ceiling in table:
         print(
             f"| {name} | {ref * 1e3:.3f} | {ker * 1e3:.3f} | {ref / ker:.2f}x | "
             f"{rate:.1f} {unit} | {rate / ceiling:.0%} |"
         )
+    if args.plot:
+        title = (
+            f"sgl_kernel CPU ops, kernels on {sgl_kernel.cpu_isa()}, "
+            f"{torch.get_num_threads()} torch threads"
+        )
+        plot(args.plot, table, copy_gbs, flops, title)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prefix_sharing.py            # the full sizes below
     python benchmarks/bench_prefix_sharing.py --quick    # ~8x smaller: a smoke run
+    python benchmarks/bench_prefix_sharing.py --plot prefix_sharing.png
 
 Workloads (each starts on a cold cache; prompts are token ids, so shared prefixes match exactly):
 - few-shot: one shared prefix of worked Q/A examples (~1,000 tokens), then 64 distinct questions,
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from machine_info import header
+from plotting import Bars, Ceiling, add_plot_flag, check_plot_path, save
 
 from lmprog import LLM, SamplingParams
 
@@ -282,9 +284,60 @@ def print_report(results: dict[str, dict[str, Result]]) -> dict[str, dict[str, A
     return summary
 
 
-def compare_backends(names: list[str], args: argparse.Namespace) -> None:
+def plot_report(path: str, results: dict[str, dict[str, Result]], title: str) -> None:
+    """print_report's numbers per workload: total tok/s with the cache on and off, the speedup
+    (against the few-shot target), and the measured hit rate against the optimal one."""
+    names = list(results)
+    on = [results[n]["on"] for n in names]
+    off = [results[n]["off"] for n in names]
+    target = Ceiling(SPEEDUP_TARGET, f"few-shot target {SPEEDUP_TARGET:.0f}x")
+    panels = [
+        Bars(
+            names,
+            {"cache on": [r.total_tps for r in on], "cache off": [r.total_tps for r in off]},
+            "total tok/s (prompt + generated)",
+            title="throughput",
+        ),
+        Bars(
+            names,
+            {"speedup": [a.total_tps / b.total_tps for a, b in zip(on, off)]},
+            "total tok/s, cache on / off (x)",
+            title="speedup of the radix cache",
+            ceiling=target if "few-shot" in names else None,
+        ),
+        Bars(
+            names,
+            {
+                "measured": [100 * r.hit_rate for r in on],
+                "optimal": [100 * r.optimal_hit_rate for r in on],
+            },
+            "prompt tokens found cached (%)",
+            title="hit rate, cache on",
+        ),
+    ]
+    save(path, title, panels, ncols=3)
+
+
+def plot_backends(path: str, table: dict[str, dict[str, Result]], title: str) -> None:
+    """compare_backends' table: total tok/s and the speedup over torch_native, per workload."""
+    names = list(table)
+    labels = list(table[names[0]])
+    tps = {label: [table[n][label].total_tps for n in names] for label in labels}
+    speedup = {
+        label: [table[n]["torch_native"].seconds / table[n][label].seconds for n in names]
+        for label in labels
+    }
+    panels = [
+        Bars(names, tps, "total tok/s (prompt + generated)", title="throughput, cache on"),
+        Bars(names, speedup, "time of torch_native / time (x)", title="vs torch_native"),
+    ]
+    save(path, title, panels)
+
+
+def compare_backends(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, Result]]:
     """The workloads with the cache on, on the cpu attention backend with and without the
-    cascade (shared-prefix) kernel and on torch_native, in one process; prints time and speedup."""
+    cascade (shared-prefix) kernel and on torch_native, in one process; prints time and speedup.
+    Returns {workload: {attention label: result}}."""
     from lmprog.runtime.layers.attention import cpu as cpu_backend
 
     engines = {
@@ -308,8 +361,9 @@ def compare_backends(names: list[str], args: argparse.Namespace) -> None:
     print(f"\nmodel {args.model}, cache on, dtype {dtype}, {header()}")
     print("| workload | attention | time (s) | total tok/s | vs torch_native | same outputs |")
     print("|---|---|---|---|---|---|")
+    table = {}
     for name in names:
-        rows = {}
+        rows = table[name] = {}
         for label, backend, cascade in configs:
             cpu_backend.CASCADE = cascade
             rows[label] = run_workload(engines[backend], "on", name, args)
@@ -321,6 +375,7 @@ def compare_backends(names: list[str], args: argparse.Namespace) -> None:
                 f"| {name} | {label} | {r.seconds:.2f} | {r.total_tps:.1f} "
                 f"| {base.seconds / r.seconds:.2f}x | {same} |"
             )
+    return table
 
 
 def main() -> None:
@@ -345,6 +400,7 @@ def main() -> None:
     )
     parser.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results here")
+    add_plot_flag(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefix-tokens", type=int, default=1000)
     parser.add_argument("--num-questions", type=int, default=64)
@@ -364,9 +420,14 @@ def main() -> None:
     names = args.workloads.split(",")
     if unknown := sorted(set(names) - set(WORKLOADS)):
         parser.error(f"unknown workloads {unknown}; supported: {', '.join(WORKLOADS)}")
+    check_plot_path(args.plot)
 
+    quick = ", --quick" if args.quick else ""
     if args.compare_backends:
-        compare_backends(names, args)
+        table = compare_backends(names, args)
+        if args.plot:
+            title = f"attention backends with the radix cache, model {args.model}{quick}"
+            plot_backends(args.plot, table, title)
         return
     engines = {}  # one engine per setting, reused across workloads (reset between them)
     for cache in ("on", "off"):
@@ -385,13 +446,18 @@ def main() -> None:
         name: {cache: run_workload(llm, cache, name, args) for cache, llm in engines.items()}
         for name in names
     }
-    quick = ", --quick" if args.quick else ""
     backend = engines["on"].scheduler.model_runner.attention_backend
     print(
         f"\nmodel {args.model}, schedule policy {args.schedule_policy}, "
         f"attention backend {backend}{quick}"
     )
     summary = print_report(results)
+    if args.plot:
+        title = (
+            f"radix cache on vs off, model {args.model}, schedule policy "
+            f"{args.schedule_policy}, attention backend {backend}{quick}"
+        )
+        plot_report(args.plot, results, title)
     if args.json:
         rows = [
             {k: v for k, v in asdict(r).items() if k != "rounds"}

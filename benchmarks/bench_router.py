@@ -2,6 +2,7 @@
 
     python benchmarks/bench_router.py            # 2 replicas, cores // 2 threads each
     python benchmarks/bench_router.py --quick    # a smoke run (~4x smaller)
+    python benchmarks/bench_router.py --plot router.png
 
 The replicas (`python -m lmprog.launch_server --max-total-tokens T`, started as `--dp-size` starts
 them) run for the whole script; each policy gets a fresh router (`python -m lmprog.router
@@ -34,10 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
 from machine_info import header
+from plotting import Bars, add_plot_flag, check_plot_path, save
 from server_process import free_port
 
 from lmprog.router.replicas import Replicas
@@ -265,6 +268,24 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> bool:
     return ok
 
 
+def plot(path: str, runs: list[Run], title: str) -> None:
+    """The table per workload, a bar per policy: hit rate, req/s and output tok/s."""
+    names = list(dict.fromkeys(r.workload for r in runs))
+    by = {(r.workload, r.policy): r for r in runs}
+
+    def series(value: Callable[[Run], float]) -> dict[str, list[float]]:
+        return {p: [value(by[n, p]) for n in names] for p in POLICIES}
+
+    panels = [
+        Bars(
+            names, series(lambda r: 100 * r.hit_rate), "cached prompt tokens (%)", title="hit rate"
+        ),
+        Bars(names, series(lambda r: r.rps), "requests/s", title="request throughput"),
+        Bars(names, series(lambda r: r.output_tps), "output tok/s", title="output throughput"),
+    ]
+    save(path, title, panels, ncols=3)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dp-size", type=int, default=2)
@@ -282,7 +303,9 @@ def main() -> None:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--quick", action="store_true", help="8 chats x 3 turns, 4 prefixes x 4.")
     p.add_argument("--server-flags", default="", help="More flags for each replica, one string.")
+    add_plot_flag(p)
     args = p.parse_args()
+    check_plot_path(args.plot)
     if args.quick:
         args.conversations, args.turns, args.prefixes, args.questions = 8, 3, 4, 4
     flags = ["--max-total-tokens", str(args.max_total_tokens), *args.server_flags.split()]
@@ -304,6 +327,13 @@ def main() -> None:
     finally:
         codes = replicas.stop()
     ok = print_table(runs, args)
+    if args.plot:
+        threads = max(1, len(os.sched_getaffinity(0)) // args.dp_size)
+        title = (
+            f"cache_aware vs round_robin routing: {args.dp_size} replicas x {threads} thread(s), "
+            f"--max-total-tokens {args.max_total_tokens} each"
+        )
+        plot(args.plot, runs, title)
     if any(codes):
         sys.exit(f"FAIL: a replica exited with {codes} after SIGTERM")
     sys.exit(0 if ok else 1)

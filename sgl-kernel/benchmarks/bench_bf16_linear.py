@@ -1,6 +1,7 @@
 """Micro-benchmark of sgl_kernel's packed bf16 linear op against torch's fp32 and bf16 ones.
 
     python sgl-kernel/benchmarks/bench_bf16_linear.py [--m 1 4 16 64 1024] [--threads 2]
+    python sgl-kernel/benchmarks/bench_bf16_linear.py --plot bf16_linear.png --plot-ceiling 12
 
 SmolLM2-135M's shapes. Weights are cold (cycled through copies larger than the L3 cache, so each
 call reads them from memory) unless `--warm`. Columns: torch fp32 through oneDNN (what lmprog's
@@ -17,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from linear_plot import Timing, add_flags, check_flags, plot
 from sgl_kernel import detected_isa
 from sgl_kernel.bf16 import bf16_linear, bf16_linear_path, bf16_pack
 
@@ -77,7 +79,9 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64, 1024])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--warm", action="store_true")
+    add_flags(ap)
     args = ap.parse_args()
+    check_flags(args)
     torch.set_num_threads(args.threads)
     print(
         f"# CPU {detected_isa()}, bf16_linear path {bf16_linear_path()}, {args.threads} threads, "
@@ -85,14 +89,27 @@ def main() -> None:
     )
     print("| M | K x N | fp32 oneDNN | bf16 F.linear | bf16_linear | vs bf16 F.linear |")
     print("|---|---|---|---|---|---|")
+    timings = []
     for m in args.m:
         for k, n, name in SHAPES:
             fp32, torch_bf16, kernel = measure(m, k, n, args.warm)
+            shape, flop = f"{k} x {n} ({name})", 2 * m * k * n
+            timings += [
+                Timing(m, shape, "fp32 oneDNN", fp32, 4 * n * k, flop),
+                Timing(m, shape, "bf16 F.linear", torch_bf16, 2 * n * k, flop),
+                Timing(m, shape, f"bf16_linear ({bf16_linear_path()})", kernel, 2 * n * k, flop),
+            ]
             print(
                 f"| {m} | {k} x {n} ({name}) | {cell(fp32, m, k, n, 4 * n * k)} | "
                 f"{cell(torch_bf16, m, k, n, 2 * n * k)} | {cell(kernel, m, k, n, 2 * n * k)} | "
                 f"{torch_bf16 / kernel:.2f}x |"
             )
+    if args.plot:
+        title = (
+            f"bf16 linear, SmolLM2-135M shapes: {args.threads} threads, "
+            f"weights {'warm' if args.warm else 'cold'}"
+        )
+        plot(args.plot, timings, title, args.plot_ceiling)
 
 
 if __name__ == "__main__":

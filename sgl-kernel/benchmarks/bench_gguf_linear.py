@@ -1,6 +1,7 @@
 """Micro-benchmark of sgl_kernel's GGUF linear op (Q4_1, Q8_0) against int8_linear and fp32.
 
     python sgl-kernel/benchmarks/bench_gguf_linear.py [--threads 2] [--warm] [--m 1 16 64]
+    python sgl-kernel/benchmarks/bench_gguf_linear.py --plot gguf_linear.png --plot-ceiling 12
 
 SmolLM2-135M's shapes (hidden 576, MLP 1536, vocabulary 49152) at M = 1 (one decode stream),
 16 and 64 (a batch, or a short prefill). The kernels run the best path this process has; set
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_int8_linear import COLD_BYTES, copies, cpu_model, median_time
+from linear_plot import Timing, add_flags, check_flags, plot
 
 SHAPES = (  # (name, K, N)
     ("qkv 576x960", 576, 960),
@@ -78,7 +80,9 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64], help="rows of x")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--warm", action="store_true", help="reuse one weight copy (cache-warm)")
+    add_flags(ap)
     args = ap.parse_args()
+    check_flags(args)
     torch.set_num_threads(args.threads)
     from sgl_kernel.gguf import GGML_Q4_1, GGML_Q8_0, gguf_linear_path
     from sgl_kernel.quant import int8_linear_path
@@ -99,15 +103,21 @@ def main() -> None:
         f"| {'M':>3} | {'shape (K x N)':<18} | {'kernel':<19} | {'time':>12} | {'GB/s':>9} | {'GF':>9} |"
     )
     print(f"|{'-' * 5}|{'-' * 20}|{'-' * 21}|{'-' * 14}|{'-' * 11}|{'-' * 11}|")
+    timings = []
     for m in args.m:
         for name, k, n in SHAPES:
             for label, fn in columns.items():
                 t = fn(m, k, n)
+                timings.append(Timing(m, name, label, t["s"], t["bytes"], 2 * m * k * n))
                 print(
                     f"| {m:>3} | {name:<18} | {label:<19} | {t['s'] * 1e6:9.1f} us | "
                     f"{t['bytes'] / t['s'] / 1e9:9.1f} | {2 * m * k * n / t['s'] / 1e9:9.1f} |"
                 )
             sys.stdout.flush()
+    if args.plot:
+        warm = "warm" if args.warm else "cold"
+        title = f"GGUF linear, SmolLM2-135M shapes: {args.threads} threads, weights {warm}"
+        plot(args.plot, timings, title, args.plot_ceiling)
 
 
 if __name__ == "__main__":

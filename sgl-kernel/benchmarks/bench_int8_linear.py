@@ -1,6 +1,7 @@
 """Micro-benchmark of sgl_kernel's int8 linear op against torch's fp32 and bf16 linear layers.
 
     python sgl-kernel/benchmarks/bench_int8_linear.py [--threads 2] [--warm]
+    python sgl-kernel/benchmarks/bench_int8_linear.py --plot int8_linear.png --plot-ceiling 12
 
 SmolLM2-135M's shapes (hidden 576, MLP 1536, vocabulary 49152) at M = 1 (one decode stream)
 and M = 64 (a batch, or a short prefill). Every kernel path the CPU has is timed: the best in
@@ -28,6 +29,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from linear_plot import Timing, add_flags, check_flags, plot
 
 QUANT_PY = Path(__file__).resolve().parents[1] / "python" / "sgl_kernel" / "quant.py"
 SHAPES = (  # (name, K, N)
@@ -129,7 +131,9 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true", help="reuse one weight copy (cache-warm)")
     ap.add_argument("--dev-lib", help="a JIT-built library with the int8 ops, not sgl_kernel")
     ap.add_argument("--int8-only", action="store_true", help=argparse.SUPPRESS)
+    add_flags(ap)
     args = ap.parse_args()
+    check_flags(args)
     torch.set_num_threads(args.threads)
     quant = load_quant(args.dev_lib)
     path = quant.int8_linear_path()
@@ -158,16 +162,22 @@ def main() -> None:
         f"| {'M':>3} | {'shape (K x N)':<18} | {'kernel':<19} | {'time':>12} | {'GB/s':>9} | {'GF':>9} |"
     )
     print(f"|{'-' * 5}|{'-' * 20}|{'-' * 21}|{'-' * 14}|{'-' * 11}|{'-' * 11}|")
+    timings = []
     for m in args.m:
         for name, k, n in SHAPES:
             rows = [(label, fn(m, k, n)) for label, fn in columns.items()]
             rows += [(f"int8 {p}", r[f"{m},{name}"]) for p, r in int8.items()]
             for label, t in rows:
+                timings.append(Timing(m, name, label, t["s"], t["bytes"], 2 * m * k * n))
                 print(
                     f"| {m:>3} | {name:<18} | {label:<19} | {t['s'] * 1e6:9.1f} us | "
                     f"{t['bytes'] / t['s'] / 1e9:9.1f} | {2 * m * k * n / t['s'] / 1e9:9.1f} |"
                 )
             sys.stdout.flush()
+    if args.plot:
+        warm = "warm" if args.warm else "cold"
+        title = f"int8 linear, SmolLM2-135M shapes: {args.threads} threads, weights {warm}"
+        plot(args.plot, timings, title, args.plot_ceiling)
 
 
 if __name__ == "__main__":
