@@ -111,6 +111,20 @@ def test_smollm2_heads_cannot_split_in_two() -> None:
         LLM("smollm2-135m-instruct", tensor_parallel_size=2, dtype="float32")
 
 
+def test_the_default_model_splits_over_three_ranks(llm: LLM) -> None:
+    """SmolLM2-135M (9 query, 3 KV heads) at tp 3, from its GGUF: the same greedy answers as
+    the one-rank engine."""
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=1)
+    prompts = ["The capital of France is", "Three facts about the moon:"]
+    whole = llm.generate(prompts, params, use_tqdm=False)
+    split = LLM("smollm2-135m-instruct", tensor_parallel_size=3, dtype="float32", seed=0)
+    try:
+        assert len(split.scheduler.model_runner.workers) == 2
+        same_outputs(whole, split.generate(prompts, params, use_tqdm=False))
+    finally:
+        split.shutdown()
+
+
 # ---------------------------------------------------------------- the offline engine at tp 2
 
 ENGINE_ARGS = {

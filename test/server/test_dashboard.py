@@ -156,7 +156,7 @@ def test_the_page_updates_live_under_traffic(server, browser, tmp_path) -> None:
         for round_ in itertools.count():
             if stop.is_set():
                 return
-            few_shot_batch(server.url, tag=f"dash-live-{round_}")
+            few_shot_batch(server.url, tag=f"dash-live-{round_}", arithmetic=round_ % 3 == 2)
 
     worker = threading.Thread(target=traffic, daemon=True)
     browser.get(f"{server.url}/dashboard")
@@ -187,6 +187,8 @@ def test_the_page_updates_live_under_traffic(server, browser, tmp_path) -> None:
         assert hits >= len(QUESTIONS) - 1
         rows = browser.execute_script("return document.querySelectorAll('#recent tr').length")
         assert rows > 0
+        # For a picture with more history (the README's): LMPROG_DASHBOARD_TRAFFIC_S seconds.
+        time.sleep(float(os.environ.get("LMPROG_DASHBOARD_TRAFFIC_S", "0")))
     finally:
         stop.set()
         worker.join(120)
