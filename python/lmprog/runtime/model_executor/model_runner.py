@@ -96,9 +96,10 @@ class ModelRunner:
 
     def _init(self, loaded: LoadedModel | None, tp_rank: int) -> None:
         server_args = self.server_args
+        # The rank's GPU is current before NCCL's group forms (its collectives use it).
+        self.device = self._rank_device(server_args.resolved_device, tp_rank)
         if server_args.tp_size > 1:
             self._join_tp(tp_rank)
-        self.device = self._rank_device(server_args.resolved_device)
         self.dtype = server_args.torch_dtype
         if self.device.type == "cpu":
             torch.set_num_threads(server_args.num_threads)
@@ -149,12 +150,12 @@ class ModelRunner:
         if rank == 0:
             self.step_sender = StepSender(self.tp)
 
-    def _rank_device(self, device_type: str) -> torch.device:
+    def _rank_device(self, device_type: str, rank: int) -> torch.device:
         """The device of this rank: one GPU per rank of this machine."""
-        if device_type != "cuda" or self.tp.size == 1:
+        if device_type != "cuda" or self.server_args.tp_size == 1:
             return torch.device(device_type)
         per_node = self.server_args.tp_size // self.server_args.nnodes
-        device = torch.device("cuda", self.tp.rank % per_node)
+        device = torch.device("cuda", rank % per_node)
         torch.cuda.set_device(device)
         return device
 
