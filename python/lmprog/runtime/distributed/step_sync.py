@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lmprog.runtime.distributed.parallel_state import TpGroup
-from lmprog.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
+from lmprog.runtime.model_executor.forward_batch import INDEX_FIELDS, ForwardBatch, ForwardMode
 
 # (pool: "req_to_token" or "token_to_kv", method, args), as the pools record them
 PoolOp = tuple[str, str, tuple[Any, ...]]
@@ -33,7 +33,6 @@ PoolOp = tuple[str, str, tuple[Any, ...]]
 @dataclass
 class StepHeader:
     mode: ForwardMode
-    seq_lens: list[int]
     prefix_lens: list[int]
     extend_lens: list[int]
     num_tokens: int  # T
@@ -56,7 +55,6 @@ class StepSender:
         self.journal.clear()
         header = StepHeader(
             mode=fb.forward_mode,
-            seq_lens=list(fb.seq_lens_cpu),
             prefix_lens=list(fb.extend_prefix_lens_cpu),
             extend_lens=list(fb.extend_seq_lens_cpu),
             num_tokens=fb.num_tokens,
@@ -65,15 +63,7 @@ class StepSender:
             token_types=fb.token_type_ids is not None,
             pool_ops=ops,
         )
-        parts = [
-            fb.input_ids,
-            fb.positions,
-            fb.req_pool_indices,
-            fb.seq_lens,
-            fb.extend_prefix_lens,
-            fb.extend_seq_lens,
-            fb.out_cache_loc,
-        ]
+        parts = [getattr(fb, name) for name in INDEX_FIELDS]
         parts += [t for t in (fb.logits_indices, fb.token_type_ids) if t is not None]
         packed = torch.cat([t.reshape(-1).to(torch.int64) for t in parts])
         if packed.device.type == "cpu":
@@ -103,7 +93,7 @@ def receive_step(tp: TpGroup, runner: Any) -> ForwardBatch | None:
     pools = {"req_to_token": runner.req_to_token_pool, "token_to_kv": runner.token_to_kv_pool}
     for pool, method, args in header.pool_ops:
         getattr(pools[pool], method)(*args)
-    b, t = len(header.seq_lens), header.num_tokens
+    b, t = len(header.prefix_lens), header.num_tokens
     sizes = [t, t, b, b, b, b, header.num_slots]
     sizes += [header.num_logit_rows] if header.num_logit_rows is not None else []
     sizes += [t] if header.token_types else []
@@ -111,21 +101,15 @@ def receive_step(tp: TpGroup, runner: Any) -> ForwardBatch | None:
     if packed is None:
         packed = torch.empty(sum(sizes), dtype=torch.int64, device=runner.device)
         dist.broadcast(packed, src=0, group=tp.device_group)
-    ids, pos, rows, lens, prefix, ext, loc, *extra = packed.split(sizes)
+    parts = list(packed.split(sizes))
+    index, extra = parts[: len(INDEX_FIELDS)], parts[len(INDEX_FIELDS) :]
     logits_indices = extra.pop(0) if header.num_logit_rows is not None else None
     token_type_ids = extra.pop(0) if header.token_types else None
-    return ForwardBatch(
-        forward_mode=header.mode,
-        input_ids=ids,
-        positions=pos,
-        req_pool_indices=rows,
-        seq_lens=lens,
-        extend_prefix_lens=prefix,
-        extend_seq_lens=ext,
-        out_cache_loc=loc,
-        seq_lens_cpu=header.seq_lens,
-        extend_prefix_lens_cpu=header.prefix_lens,
-        extend_seq_lens_cpu=header.extend_lens,
+    return ForwardBatch.from_index_tensors(
+        header.mode,
+        index,
+        header.prefix_lens,
+        header.extend_lens,
         logits_indices=logits_indices,
         token_type_ids=token_type_ids,
     )

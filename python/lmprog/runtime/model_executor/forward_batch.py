@@ -41,6 +41,18 @@ class ForwardMode(enum.Enum):
         return self is ForwardMode.EXTEND
 
 
+# The per-step int64 index tensors, in the order `build` packs them for one copy.
+INDEX_FIELDS = (
+    "input_ids",
+    "positions",
+    "req_pool_indices",
+    "seq_lens",
+    "extend_prefix_lens",
+    "extend_seq_lens",
+    "out_cache_loc",
+)
+
+
 @dataclass
 class ForwardBatch:
     """Everything a model forward needs for one step; built by the ModelRunner's caller."""
@@ -105,21 +117,29 @@ class ForwardBatch:
             [torch.arange(p, s, dtype=torch.int64) for p, s in zip(prefix_lens, seq_lens)]
         )
         # Every index tensor of the step in one host-to-device copy (host_copy.py).
-        ids, pos, rows, lens, prefix, ext, loc = to_device_packed(
+        tensors = to_device_packed(
             [input_ids, positions, req_pool_indices, seq_lens, prefix_lens, extend_lens,
              out_cache_loc.to("cpu")],
             torch.int64,
             torch.device(device),
         )  # fmt: skip
+        return cls.from_index_tensors(mode, tensors, prefix_lens, extend_lens, **kwargs)
+
+    @classmethod
+    def from_index_tensors(
+        cls,
+        mode: ForwardMode,
+        tensors: list[torch.Tensor],
+        prefix_lens: list[int],
+        extend_lens: list[int],
+        **kwargs: Any,
+    ) -> ForwardBatch:
+        """A batch from its INDEX_FIELDS tensors, in that order, already on the device, and
+        the host lengths (what `build` makes, and what a tensor-parallel rank receives)."""
+        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
         return cls(
             forward_mode=mode,
-            input_ids=ids,
-            positions=pos,
-            req_pool_indices=rows,
-            seq_lens=lens,
-            extend_prefix_lens=prefix,
-            extend_seq_lens=ext,
-            out_cache_loc=loc,
+            **dict(zip(INDEX_FIELDS, tensors, strict=True)),
             seq_lens_cpu=seq_lens,
             extend_prefix_lens_cpu=list(prefix_lens),
             extend_seq_lens_cpu=list(extend_lens),
